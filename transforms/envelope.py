@@ -1,0 +1,187 @@
+"""The event envelope: one definition shared by the ingress and the pipeline.
+
+The ingress validates envelopes before they reach Kinesis; the pipeline validates
+them again when it reads the stream (a backfill file or a re-driven dead letter
+did not necessarily pass the ingress). Both use this module, so the two can
+never disagree on what an event is.
+
+Error messages name the field and the rule, never the value: values may hold
+personal data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import uuid
+from typing import Annotated, Any, Optional
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
+
+EVENT_TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+EVENT_TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
+
+Identity = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+EventType = Annotated[str, StringConstraints(pattern=EVENT_TYPE_PATTERN)]
+Timestamp = Annotated[str, StringConstraints(max_length=64)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Size limits of the HTTP API and of one event (SPEC "HTTP ingress")."""
+
+    max_body_bytes: int = 1_048_576  # after decompression
+    max_event_bytes: int = 65_536  # one event, serialized as it goes to Kinesis
+    max_batch: int = 500
+    max_depth: int = 32  # JSON nesting depth of one event
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class InvalidEvent(ValueError):
+    """An event that is not a valid envelope; ``reason`` is a machine code.
+
+    The message never holds a value taken from the event.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Envelope(BaseModel):
+    """What a client sends (plus ``received_at``, which the ingress sets)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    event_type: EventType
+    event_id: Optional[EventId] = None
+    user_id: Optional[Identity] = None
+    anonymous_id: Optional[Identity] = None
+    timestamp: Optional[Timestamp] = None
+    received_at: Optional[Timestamp] = None
+    properties: Optional[dict[str, Any]] = None
+    context: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _needs_an_identity(self) -> "Envelope":
+        if self.user_id is None and self.anonymous_id is None:
+            raise ValueError("user_id or anonymous_id is required")
+        return self
+
+
+_RULES = {
+    "missing": "is required",
+    "extra_forbidden": "is not an envelope field",
+    "string_type": "must be a string",
+    "dict_type": "must be an object",
+    "string_too_short": "is too short",
+    "string_too_long": "is too long",
+    "string_pattern_mismatch": "must match " + EVENT_TYPE_PATTERN,
+    "model_type": "must be an object",
+}
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A one-line, value-free description of the first problems of ``exc``."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:3]:
+        field = ".".join(str(p) for p in err.get("loc", ()))
+        if err["type"] == "value_error":
+            parts.append("user_id or anonymous_id is required")
+            continue
+        rule = _RULES.get(err["type"], "is invalid")
+        parts.append(f"{field or 'event'} {rule}")
+    return "; ".join(parts) or "invalid envelope"
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a decoded JSON value, stopping early past ``limit``."""
+    depth = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        depth = max(depth, level)
+        if depth > limit:
+            return depth
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return depth
+
+
+def validate_event(obj: Any, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Validate one decoded event object; raises :class:`InvalidEvent`."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent("invalid_envelope", "event must be a JSON object")
+    if json_depth(obj, limits.max_depth) > limits.max_depth:
+        raise InvalidEvent("too_deep", f"event nests deeper than {limits.max_depth} levels")
+    try:
+        return Envelope.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidEvent("invalid_envelope", describe_validation_error(exc)) from None
+
+
+def utc_now_ms() -> int:
+    return int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
+
+
+def format_rfc3339_ms(epoch_ms: int) -> str:
+    """``2026-11-26T23:30:00.123Z``: UTC with millisecond precision."""
+    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def parse_rfc3339_ms(text: Any) -> Optional[int]:
+    """Epoch milliseconds of an RFC 3339 time, or None when it is not one.
+
+    A time without an offset is not RFC 3339 and gives None.
+    """
+    if not isinstance(text, str) or not 10 <= len(text) <= 64:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return int(moment.timestamp() * 1000)
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def stamp(envelope: Envelope, *, received_at_ms: int, caller_ip: Optional[str]) -> dict:
+    """The envelope as the ingress puts it on the stream.
+
+    Sets ``received_at`` and a missing ``event_id``; adds the caller's address as
+    ``context.ip`` when the client sent none (the pipeline masks it).
+    """
+    record = envelope.model_dump(exclude_none=True)
+    record["event_id"] = envelope.event_id or new_event_id()
+    record["received_at"] = format_rfc3339_ms(received_at_ms)
+    if caller_ip:
+        context = dict(record.get("context") or {})
+        if not context.get("ip"):
+            context["ip"] = caller_ip
+            record["context"] = context
+    return record
+
+
+def partition_key(record: dict) -> str:
+    """Kinesis partition key: ``user_id``, else ``anonymous_id`` (per-user order)."""
+    return record.get("user_id") or record["anonymous_id"]
+
+
+def to_wire(record: dict) -> bytes:
+    """Compact UTF-8 JSON, the form of a Kinesis record and of a backfill line."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
