@@ -185,3 +185,23 @@ def partition_key(record: dict) -> str:
 def to_wire(record: dict) -> bytes:
     """Compact UTF-8 JSON, the form of a Kinesis record and of a backfill line."""
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+_RECEIVED_AT_RE = re.compile(rb'"received_at"\s*:\s*"([^"]{10,64})"')
+
+
+def received_at_of(data: bytes) -> Optional[int]:
+    """Epoch ms of a raw record's ``received_at``, without decoding the whole JSON.
+
+    Sources use it to stamp event time cheaply; None when absent or unparsable
+    (the caller falls back to the arrival time). A match inside a nested string
+    is possible only for hand-made records and is harmless: the parse stage
+    re-reads the real field.
+    """
+    match = _RECEIVED_AT_RE.search(data)
+    if not match:
+        return None
+    try:
+        return parse_rfc3339_ms(match.group(1).decode("ascii"))
+    except UnicodeDecodeError:
+        return None

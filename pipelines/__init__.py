@@ -1,0 +1,1 @@
+"""Runnable pipelines, each a module with ``run(argv)``: events, redrive, compact."""

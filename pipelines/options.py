@@ -1,0 +1,37 @@
+"""Command-line options of the events pipeline (SPEC "The events pipeline")."""
+from __future__ import annotations
+
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DEFAULT_SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
+
+
+class EventsOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--mode", choices=("stream", "backfill"), default="stream",
+                            help="stream: read Kinesis; backfill: read --input files with the same transforms")
+        parser.add_argument("--input_stream", help="Kinesis stream name (stream mode)")
+        parser.add_argument("--input", help="backfill: glob of JSON Lines files of envelopes (gzip allowed)")
+        parser.add_argument("--users_table", help="DynamoDB table of user attributes, keyed by user_id")
+        parser.add_argument("--output", help="lake root: a local path or s3://bucket/prefix")
+        parser.add_argument("--dead_letter",
+                            help="dead-letter output: an SQS queue URL, or a local path or s3:// prefix (JSON Lines)")
+        parser.add_argument("--dead_letter_overflow", default=None,
+                            help="s3:// prefix for dead letters too large for SQS (default: next to the lake)")
+        parser.add_argument("--schema_dir", default=DEFAULT_SCHEMA_DIR,
+                            help="directory of JSON Schemas, one <event_type>.json each, plus _user.json")
+        parser.add_argument("--window_seconds", type=int, default=60, help="fixed window length (event time)")
+        parser.add_argument("--allowed_lateness_seconds", type=int, default=0,
+                            help="how late an event may arrive and still be written (as a later pane)")
+        parser.add_argument("--start_position", default="trim_horizon",
+                            help="trim_horizon, latest, or at_timestamp=<RFC 3339>")
+        parser.add_argument("--stop_when_idle_seconds", type=float, default=None,
+                            help="end the stream after N idle seconds so all windows flush (demos, tests)")
+        parser.add_argument("--pseudonymization_secret", default=None,
+                            help="AWS Secrets Manager secret id holding the pseudonymization keys "
+                                 "(default: EVENTLAKE_PSEUDONYMIZATION_KEYS in the workers' environment)")
+        parser.add_argument("--skip_preflight", action="store_true",
+                            help="do not check that the stream, table, queue and output exist before starting")
