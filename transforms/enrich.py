@@ -47,7 +47,7 @@ EVENTS = "events"
 DEAD_LETTERS = "dead_letters"
 REASON = "enrichment_unavailable"
 
-_ABSENT = object()
+NOT_CACHED = object()  # what UserCache.get returns for a key it does not hold (None is a cached miss)
 
 
 class UserCache:
@@ -73,15 +73,15 @@ class UserCache:
         return len(self._entries)
 
     def get(self, key: str, now: float) -> Any:
-        """The cached user (or ``None`` for a cached miss); ``_ABSENT`` when unknown or expired."""
+        """The cached user (or ``None`` for a cached miss); ``NOT_CACHED`` when unknown or expired."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                return _ABSENT
+                return NOT_CACHED
             expires, value = entry
             if now >= expires:
                 del self._entries[key]
-                return _ABSENT
+                return NOT_CACHED
             self._entries.move_to_end(key)
             return value
 
@@ -168,6 +168,8 @@ class EnrichUserAttributesFn(beam.DoFn):
     def start_bundle(self):
         self._buffer = []
         self._pending = set()
+        for counter in (self.received, self.succeeded, self.dead_lettered):
+            counter.inc(0)  # reported even when zero: the conservation check reads all three
 
     def process(
         self,
@@ -185,7 +187,7 @@ class EnrichUserAttributesFn(beam.DoFn):
             yield (record, self._enriched(event, None))
             return
         cached = self._cache.get(key, self._clock())
-        if cached is not _ABSENT:
+        if cached is not NOT_CACHED:
             self.cache_hits.inc()
             self.succeeded.inc()
             (self.users_found if cached is not None else self.users_unknown).inc()
