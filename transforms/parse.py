@@ -30,7 +30,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 
 from transforms.dead_letter import dead_letter
-from transforms.envelope import DEFAULT_LIMITS, InvalidEvent, Limits, parse_rfc3339_ms, utc_now_ms, validate_event
+from transforms.envelope import (
+    DEFAULT_LIMITS, Envelope, InvalidEvent, Limits, parse_rfc3339_ms, utc_now_ms, validate_event,
+)
 from transforms.records import SourceRecord
 
 NAMESPACE = "eventlake"
@@ -39,6 +41,7 @@ EVENTS = "events"
 DEAD_LETTERS = "dead_letters"
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c7f8e-2b1e-4e57-9a0e-6c1d2b3e4f50")
 _PLAUSIBLE_MS = (0, 253402300799999)  # 1970 .. 9999-12-31: a real element timestamp, not MIN/MAX
+_ENVELOPE_FIELDS = frozenset(Envelope.model_fields)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -79,7 +82,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict:
 
 def to_event(record: SourceRecord, element_ms: int, limits: Limits = DEFAULT_LIMITS) -> dict:
     """The parsed event of docs/CONTRACTS.md; raises ParseFailure or InvalidEvent."""
-    envelope = validate_event(decode(record.data, limits), limits)
+    obj = decode(record.data, limits)
+    if isinstance(obj, dict) and not obj.keys() <= _ENVELOPE_FIELDS:
+        # validate_event's message would name the unknown key, and keys are client data
+        raise InvalidEvent("invalid_envelope", "event has fields that are not envelope fields")
+    envelope = validate_event(obj, limits)
     received_at = parse_rfc3339_ms(envelope.received_at)
     if received_at is None:
         received_at = element_ms if _PLAUSIBLE_MS[0] <= element_ms <= _PLAUSIBLE_MS[1] else utc_now_ms()

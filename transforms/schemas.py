@@ -92,8 +92,8 @@ class UnknownEventType(KeyError):
 
     reason = "unknown_event_type"
 
-    def __str__(self) -> str:  # the type name passed the envelope pattern; it is not personal data
-        return f"no schema for event type {self.args[0]!r}"
+    def __str__(self) -> str:  # the name is client data: it stays out of messages
+        return "no schema is registered for the event type"
 
 
 def _is_date_time(value: Any) -> bool:

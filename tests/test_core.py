@@ -1,0 +1,136 @@
+"""The processing core: poison pills and conservation (records in = rows + dead letters)."""
+from __future__ import annotations
+
+import collections
+import json
+import random
+
+import apache_beam as beam
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from runners.loadgen import EventMix
+from transforms.core import ProcessEvents
+from transforms.envelope import format_rfc3339_ms, stamp, to_wire, validate_event
+from transforms.parse import ParseEvents
+from transforms.records import SourceRecord
+from transforms.schemas import default_schema_dir
+from transforms.validate import ValidateEvents
+
+SCHEMAS = default_schema_dir()
+RECEIVED_MS = 1_772_359_200_000
+
+
+def valid_envelopes(count: int, seed: int = 11) -> list[dict]:
+    """Stamped envelopes (as the ingress writes them) drawn from the project's schemas."""
+    mix = EventMix(SCHEMAS, seed=seed)
+    out = []
+    for index in range(count):
+        event = validate_event(mix.valid(received_at_ms=RECEIVED_MS + index))
+        out.append(stamp(event, received_at_ms=RECEIVED_MS + index, caller_ip=None))
+    return out
+
+
+def poison_pills() -> list[tuple[bytes, str, str]]:
+    """100 records that must become dead letters: (bytes, stage, reason)."""
+    base = valid_envelopes(1, seed=99)[0]
+    ok = {"event_type": "workout_completed", "user_id": "u-1", "received_at": format_rfc3339_ms(RECEIVED_MS),
+          "properties": {"workout_id": "w", "workout_type": "yoga", "duration_s": 60}}
+    pills = []
+
+    def add(n, make, stage, reason):
+        pills.extend((make(i), stage, reason) for i in range(n))
+
+    add(12, lambda i: to_wire(base)[: 20 + i], "parse", "invalid_json")
+    add(10, lambda i: b"\xff\xfe" + to_wire({**ok, "event_id": f"utf{i}"}), "parse", "invalid_utf8")
+    add(3, lambda i: b"[" * 5000 + b"]" * 5000, "parse", "invalid_json")
+    add(3, lambda i: to_wire({**ok, "properties": {"note": "x" * 1_000_000}}), "parse", "too_large")
+    add(5, lambda i: to_wire({**ok, "properties": {"a": 1}} | {"properties": json.loads(
+        '{"a":' * 40 + "1" + "}" * 40)}), "parse", "too_deep")
+    add(10, lambda i: to_wire({k: v for k, v in ok.items() if k != "user_id"}), "parse", "invalid_envelope")
+    add(5, lambda i: to_wire({**ok, "user_id": i}), "parse", "invalid_envelope")
+    add(12, lambda i: to_wire({**ok, "event_type": f"legacy_ping_{i}"}), "validate", "unknown_event_type")
+    add(10, lambda i: to_wire({**ok, "properties": {**ok["properties"], "duration_s": "sixty"}}),
+        "validate", "schema_violation")
+    add(10, lambda i: to_wire({**ok, "properties": {**ok["properties"], "exercises": [{"name": "squat", "reps": 1.5}]}}),
+        "validate", "schema_violation")
+    add(10, lambda i: to_wire({**ok, "properties": {"workout_id": "w", "workout_type": "yoga"}}),
+        "validate", "schema_violation")
+    add(5, lambda i: to_wire({**ok, "properties": {**ok["properties"], "started_at": "last tuesday"}}),
+        "validate", "schema_violation")
+    add(5, lambda i: to_wire({**ok, "context": {"screen_width": "wide"}}), "validate", "schema_violation")
+    assert len(pills) == 100
+    return pills
+
+
+def counters(result) -> dict[str, int]:
+    metrics = result.metrics().query(MetricsFilter().with_namespace("eventlake"))["counters"]
+    totals = collections.Counter()
+    for metric in metrics:
+        totals[metric.key.metric.name] += metric.committed
+    return dict(totals)
+
+
+def source_records(payloads: list[bytes]) -> list[SourceRecord]:
+    records = [SourceRecord(data, "events", "shardId-000000000000", str(i), "k") for i, data in enumerate(payloads)]
+    random.Random(5).shuffle(records)
+    return records
+
+
+def test_poison_pills_through_parse_and_validate():
+    good = [to_wire(e) for e in valid_envelopes(1000)]
+    pills = poison_pills()
+    p = TestPipeline()
+    records = p | beam.Create(source_records(good + [data for data, _, _ in pills]))
+    parsed, parse_dead = records | "ParseEvents" >> ParseEvents()
+    events, validate_dead = parsed | "ValidateEvents" >> ValidateEvents(SCHEMAS)
+    dead = (parse_dead, validate_dead) | beam.Flatten()
+    assert_that(events | beam.combiners.Count.Globally(), equal_to([1000]), label="ThousandEvents")
+    assert_that(events | beam.Map(lambda e: set(e[1]) >= {"schema_version", "received_at", "event_time"}),
+                equal_to([True] * 1000), label="EventsAreValidated")
+    expected = collections.Counter((stage, reason) for _, stage, reason in pills)
+    assert_that(dead | beam.Map(lambda d: (d["failure"]["stage"], d["failure"]["reason"]))
+                | beam.combiners.Count.PerElement(),
+                equal_to(list(expected.items())), label="DeadLettersByReason")
+    result = p.run()
+    result.wait_until_finish()
+    counts = counters(result)
+    assert counts["parse.received"] == 1100
+    assert counts["parse.received"] == counts["parse.succeeded"] + counts["parse.dead_lettered"]
+    assert counts["validate.received"] == counts["parse.succeeded"]
+    assert counts["validate.received"] == counts["validate.succeeded"] + counts["validate.dead_lettered"]
+    assert counts["validate.succeeded"] == 1000
+    assert counts["parse.dead_lettered"] + counts["validate.dead_lettered"] == 100
+
+
+def test_dead_letter_messages_hold_no_personal_data():
+    email = "jane.doe@example.com"
+    ok = {"event_type": "workout_completed", "user_id": email, "received_at": format_rfc3339_ms(RECEIVED_MS)}
+    payloads = [
+        to_wire({**ok, "properties": {"workout_id": email, "workout_type": email, "duration_s": 1}}),
+        to_wire({**ok, "properties": {"workout_id": "w", "workout_type": "yoga", "duration_s": email}}),
+        to_wire({**ok, "properties": {"workout_id": "w", "workout_type": "yoga", "duration_s": 1, email: 1}}),
+        to_wire({**ok, "context": {"ip": 5, "locale": email}}),
+        to_wire({**ok, "event_type": "jane_doe", "properties": {}}),
+        to_wire({**ok, email: email}),
+        to_wire(ok)[:-3] + email.encode(),
+    ]
+    p = TestPipeline()
+    parsed, parse_dead = p | beam.Create(source_records(payloads)) | "ParseEvents" >> ParseEvents()
+    _, validate_dead = parsed | "ValidateEvents" >> ValidateEvents(SCHEMAS)
+    messages = (parse_dead, validate_dead) | beam.Flatten() | beam.Map(lambda d: d["failure"]["message"])
+    assert_that(messages | beam.Map(lambda m: "jane" in m or "example" in m), equal_to([False] * len(payloads)))
+    p.run().wait_until_finish()
+
+
+def test_process_events_validates_its_configuration():
+    with pytest.raises(ValueError, match="schema_dir"):
+        ProcessEvents("", "users")
+    with pytest.raises(ValueError, match="users_table"):
+        ProcessEvents(SCHEMAS, "")
+    with pytest.raises(ValueError, match="mask"):
+        ProcessEvents(SCHEMAS, "users", mask=object())
+    with pytest.raises(ValueError, match="pipeline_version"):
+        ProcessEvents(SCHEMAS, "users", pipeline_version="")
