@@ -324,3 +324,39 @@ def test_lookup_before_setup_is_an_error_and_the_backend_pickles_without_a_clien
     stack.seed_users([full_user("u1")])
     with clone:
         assert clone.lookup(["u1"]).users["u1"]["email"] == "u1@example.com"
+
+
+def test_concurrent_calls_are_bounded_per_worker_across_lookup_instances(stack):
+    ids = [f"c-{i:04d}" for i in range(1000)]
+    stack.seed_users({"user_id": i} for i in ids)
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    class Gauge(ScriptedClient):
+        def batch_get_item(self, RequestItems):
+            with lock:
+                state["now"] += 1
+                state["max"] = max(state["max"], state["now"])
+            try:
+                return super().batch_get_item(RequestItems)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    # two DoFn instances of one worker: each has a pool of 2 threads, the worker allows 2 calls in flight
+    lookups = [make_lookup(stack, wrap=Gauge, max_concurrency=2)[0] for _ in range(2)]
+    results = [None, None]
+    for lookup in lookups:
+        lookup.setup()
+    try:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, lookups[i].lookup(ids[i::2])))
+                   for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        for lookup in lookups:
+            lookup.teardown()
+    assert sum(len(r.users) for r in results) == 1000
+    assert 1 <= state["max"] <= 2

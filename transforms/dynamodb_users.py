@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import random
+import threading
 import time
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -44,6 +47,19 @@ TRANSIENT_CODES = THROTTLING_CODES | frozenset(
 )
 #: The table is missing: an outage as far as events are concerned (re-drive after restore).
 MISSING_TABLE_CODE = "ResourceNotFoundException"
+
+
+_IN_FLIGHT: dict[str, threading.BoundedSemaphore] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def _in_flight_limit(identity: str, limit: int) -> threading.BoundedSemaphore:
+    """One semaphore per backend and process: bounds the worker's concurrent calls, not each DoFn's."""
+    key = f"{identity}:{limit}"
+    with _IN_FLIGHT_LOCK:
+        if key not in _IN_FLIGHT:
+            _IN_FLIGHT[key] = threading.BoundedSemaphore(limit)
+        return _IN_FLIGHT[key]
 
 
 class UserLookupUnavailable(Exception):
@@ -270,12 +286,13 @@ class DynamoDBUserLookup:
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._rng = random.Random()
         self._deserializer = None
+        self._in_flight: Optional[threading.BoundedSemaphore] = None
 
     @property
     def cache_key(self) -> str:
         """Identity of the answers (for a per-worker cache shared between DoFn instances)."""
-        fields = ",".join(sorted((self.user_schema.get("properties") or {}).keys()))
-        return f"dynamodb:{self.endpoint_url or ''}:{self.table}:{self.key_attribute}:{hash(repr(self.user_schema))}:{fields}"
+        schema = hashlib.sha256(json.dumps(self.user_schema, sort_keys=True, default=str).encode()).hexdigest()
+        return f"dynamodb:{self.endpoint_url or ''}:{self.table}:{self.key_attribute}:{schema[:16]}"
 
     # -- lifecycle -------------------------------------------------------------------
     def setup(self) -> None:
@@ -286,6 +303,7 @@ class DynamoDBUserLookup:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.max_concurrency, thread_name_prefix="dynamodb-users"
         )
+        self._in_flight = _in_flight_limit(self.cache_key, self.max_concurrency)
 
     def teardown(self) -> None:
         if self._pool is not None:
@@ -305,7 +323,7 @@ class DynamoDBUserLookup:
 
     def __getstate__(self):  # never pickle a live client or pool
         state = self.__dict__.copy()
-        state.update(_client=None, _pool=None, _deserializer=None)
+        state.update(_client=None, _pool=None, _deserializer=None, _in_flight=None)
         return state
 
     def _make_client(self):
@@ -356,13 +374,15 @@ class DynamoDBUserLookup:
     def _lookup_chunk(self, keys: list[str]) -> LookupResult:
         result = LookupResult()
         pending = list(keys)
+        wanted = set(keys)
         attempts = 0
         last_code = ""
         while pending and attempts < self.backoff.max_attempts:
             attempts += 1
             try:
                 result.calls += 1
-                response = self._client.batch_get_item(RequestItems=self._request(pending))
+                with self._in_flight:
+                    response = self._client.batch_get_item(RequestItems=self._request(pending))
             except Exception as exc:  # noqa: BLE001 - classified below; never re-raised with data
                 code, transient, throttled = _error_code(exc)
                 last_code = code
@@ -373,7 +393,7 @@ class DynamoDBUserLookup:
                 for raw in response.get("Responses", {}).get(self.table, []):
                     item = {k: self._deserializer.deserialize(v) for k, v in raw.items()}
                     key = item.get(self.key_attribute)
-                    if key in pending:
+                    if key in wanted:
                         result.users[key], bad = project_counting(item, self.user_schema)
                         result.type_mismatches += bad
                 unprocessed = response.get("UnprocessedKeys", {}).get(self.table, {}).get("Keys", [])
@@ -382,6 +402,7 @@ class DynamoDBUserLookup:
                     if key not in retry and key not in result.users:
                         result.missing.add(key)
                 pending = [key for key in pending if key in retry]
+                wanted = set(pending)
                 if not pending:
                     break
                 last_code = "UnprocessedKeys"
