@@ -132,7 +132,12 @@ def test_a_deleted_table_dead_letters_and_a_restored_one_enriches_the_redrive(st
         assert_that(dead | beam.Map(lambda d: (d["failure"]["reason"], d["failure"]["attempts"], decode_payload(d))),
                     equal_to([("enrichment_unavailable", 3, r.data) for r, _ in inputs]), label="DeadLetters")
 
-    stack.provision()  # the table is back
+    dynamodb.create_table(  # the table is restored
+        TableName=stack.config.users_table,
+        KeySchema=[{"AttributeName": "user_id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "user_id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
     stack.seed_users([full_user(f"user-{n}") for n in range(5)])
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
         events, dead = p | beam.Create(inputs) | EnrichWithUserAttributes(lookup_for(stack))
