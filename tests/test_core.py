@@ -134,3 +134,32 @@ def test_process_events_validates_its_configuration():
         ProcessEvents(SCHEMAS, "users", mask=object())
     with pytest.raises(ValueError, match="pipeline_version"):
         ProcessEvents(SCHEMAS, "users", pipeline_version="")
+
+
+def test_process_events_full_chain_conserves_every_record(stack, monkeypatch):
+    """1,000 valid + 100 poison records through parse, validate, enrich (moto DynamoDB) and mask."""
+    pytest.importorskip("transforms.mask", reason="MaskPersonalData has not landed yet")
+    monkeypatch.setenv("EVENTLAKE_PSEUDONYMIZATION_KEYS", "k1=test-secret-not-real")
+    stack.seed_users(EventMix(SCHEMAS, seed=11).users())
+    good = [to_wire(e) for e in valid_envelopes(1000)]
+    pills = poison_pills()
+    p = TestPipeline()
+    rows, dead = (p | beam.Create(source_records(good + [data for data, _, _ in pills]))
+                  | "ProcessEvents" >> ProcessEvents(SCHEMAS, stack.config.users_table, endpoint_url=stack.endpoint,
+                                                     region_name=stack.config.region, pipeline_version="test-1"))
+    assert_that(rows | beam.combiners.Count.Globally(), equal_to([1000]), label="ThousandRows")
+    assert_that(rows | beam.Map(lambda r: (r["pipeline_version"], r["processed_at"] >= r["received_at"],
+                                           "user_found" in r, "schema_version" in r))
+                | beam.Distinct(), equal_to([("test-1", True, True, True)]), label="RowsAreStamped")
+    expected = collections.Counter((stage, reason) for _, stage, reason in pills)
+    assert_that(dead | beam.Map(lambda d: (d["failure"]["stage"], d["failure"]["reason"]))
+                | beam.combiners.Count.PerElement(), equal_to(list(expected.items())), label="DeadLettersByReason")
+    result = p.run()
+    result.wait_until_finish()
+    counts = counters(result)
+    for stage in ("parse", "validate", "enrich", "mask", "core"):
+        assert counts[f"{stage}.received"] == counts[f"{stage}.succeeded"] + counts[f"{stage}.dead_lettered"], stage
+    assert counts["validate.received"] == counts["parse.succeeded"]
+    assert counts["enrich.received"] == counts["validate.succeeded"]
+    assert counts["mask.received"] == counts["enrich.succeeded"]
+    assert counts["core.received"] == 1100 and counts["core.succeeded"] == 1000 and counts["core.dead_lettered"] == 100
