@@ -1,0 +1,118 @@
+"""Whole-object writes to a local path or an ``s3://`` URI, for the sinks.
+
+The lake and the dead-letter files must never show a partial file under its
+final name: a local file is staged elsewhere and renamed into place (one
+``os.replace``), an S3 object is one PUT (or one completed multipart upload),
+which S3 makes visible only when complete.
+
+The S3 client is made lazily on the worker (never pickled) with boto3's
+defaults, so the standard ``AWS_*`` variables, ``AWS_ENDPOINT_URL`` included,
+choose the account and endpoint.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from typing import NamedTuple, Optional
+
+
+class Location(NamedTuple):
+    """A parsed URI: ``scheme`` is ``"s3"`` (with ``bucket`` and ``key``) or ``"file"`` (``key`` is the path)."""
+
+    scheme: str
+    bucket: str
+    key: str
+
+
+def parse_uri(uri: str) -> Location:
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"not a path or s3:// URI: {uri!r}")
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"s3 URI without a bucket: {uri!r}")
+        return Location("s3", bucket, key.strip("/"))
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise ValueError(f"unsupported URI scheme (a local path or s3:// expected): {uri!r}")
+    return Location("file", "", os.path.abspath(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """``base`` and ``parts`` joined with ``/`` (local paths and S3 keys alike)."""
+    text = base.rstrip("/")
+    for part in parts:
+        text += "/" + part.strip("/")
+    return text
+
+
+def s3_client(service: str = "s3"):
+    """A boto3 client with standard retries; endpoint and credentials from the environment."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        service, config=Config(retries={"mode": "standard", "max_attempts": 8}))
+
+
+class ObjectStore:
+    """Puts whole objects; see the module docstring.
+
+    ``staging_directory`` is a local directory for files being written (for
+    local targets it should be on the same filesystem as the target, so the
+    final move is a rename).
+    """
+
+    def __init__(self, staging_directory: Optional[str] = None, *, client=None):
+        self.staging_directory = staging_directory or tempfile.gettempdir()
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def staging_file(self, suffix: str = "") -> str:
+        """A new local path to write a file to before :meth:`put_file` publishes it."""
+        os.makedirs(self.staging_directory, exist_ok=True)
+        return os.path.join(self.staging_directory, f"{uuid.uuid4().hex}{suffix}")
+
+    def put_file(self, local_path: str, uri: str) -> None:
+        """Publishes a finished local file at ``uri`` (moved or uploaded, then removed)."""
+        where = parse_uri(uri)
+        if where.scheme == "s3":
+            try:
+                self.client.upload_file(local_path, where.bucket, where.key)
+            finally:
+                os.remove(local_path)
+            return
+        os.makedirs(os.path.dirname(where.key), exist_ok=True)
+        try:
+            os.replace(local_path, where.key)
+        except OSError:  # another filesystem: copy next to the target (hidden name), then rename
+            hidden = os.path.join(os.path.dirname(where.key), f".{uuid.uuid4().hex}.tmp")
+            shutil.copyfile(local_path, hidden)
+            os.replace(hidden, where.key)
+            os.remove(local_path)
+
+    def put_bytes(self, data: bytes, uri: str) -> None:
+        where = parse_uri(uri)
+        if where.scheme == "s3":
+            self.client.put_object(Bucket=where.bucket, Key=where.key, Body=data)
+            return
+        staged = os.path.join(os.path.dirname(where.key), f".{uuid.uuid4().hex}.tmp")
+        os.makedirs(os.path.dirname(where.key), exist_ok=True)
+        with open(staged, "wb") as handle:
+            handle.write(data)
+        os.replace(staged, where.key)
+
+    def get_bytes(self, uri: str) -> bytes:
+        where = parse_uri(uri)
+        if where.scheme == "s3":
+            return self.client.get_object(Bucket=where.bucket, Key=where.key)["Body"].read()
+        with open(where.key, "rb") as handle:
+            return handle.read()
