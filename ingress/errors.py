@@ -39,7 +39,10 @@ def error_response(status: int, code: str, message: str, *, retry_after: Optiona
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after, body=exc.body)
+        body = exc.body
+        if exc.status == 400:  # SPEC: a 400 has the shape of a 202
+            body = {"accepted": 0, "rejected": [], **body}
+        return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after, body=body)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -37,3 +37,6 @@ def configure_logging(level: str = "INFO") -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = True
+    # botocore and urllib3 log request bodies (our events) at DEBUG: never let them.
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
