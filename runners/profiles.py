@@ -1,0 +1,102 @@
+"""Runner profiles for local runs, and "which runner actually ran".
+
+Local streaming runs on ``--runner=PrismRunner`` with the Prism binary built by
+``runners.prism``, never on ``DirectRunner``: the DirectRunner tries Prism, and
+when Prism refuses a pipeline or cannot be started it silently falls back to the
+FnApiRunner, whose batch semantics hold every window until the source ends.
+``PrismRunner`` fails loudly instead. ``executed_runner(result)`` tells, from the
+result object, which runner really executed a pipeline, and logs it.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
+
+from runners.prism import prism_location
+
+LOG = logging.getLogger("eventlake.runners.profiles")
+
+PRISM = "PrismRunner"
+FN_API = "FnApiRunner"
+BUNDLE_BASED_DIRECT = "BundleBasedDirectRunner"
+
+_PRISM_JOB_ID = re.compile(r"^job-\d+")
+
+
+def local_streaming_options(
+    extra: Sequence[str] = (), *, streaming: bool = True, prism_log_level: str = "warn"
+) -> PipelineOptions:
+    """Options for a local run on Prism (``streaming`` for an unbounded source).
+
+    Raises ``runners.prism.PrismUnavailable`` when Prism is not built: there is
+    no silent fallback to a runner with other semantics.
+    """
+    if prism_log_level not in ("debug", "info", "warn", "error"):
+        raise ValueError(f"prism_log_level must be debug, info, warn or error, got {prism_log_level!r}")
+    args = [
+        f"--runner={PRISM}",
+        f"--prism_location={prism_location()}",
+        f"--prism_log_level={prism_log_level}",
+        "--environment_type=LOOPBACK",
+    ]
+    if streaming:
+        args.append("--streaming")
+    return PipelineOptions([*args, *extra])
+
+
+def apply_default_runner(options: PipelineOptions, *, streaming: bool) -> PipelineOptions:
+    """Makes Prism the runner when none was chosen (and points DirectRunner at our Prism).
+
+    An explicit ``--runner`` (Flink, Spark, ...) is kept as given.
+    """
+    standard = options.view_as(StandardOptions)
+    prism = options.view_as(PrismRunnerOptions)
+    if standard.runner is None:
+        standard.runner = PRISM
+    runner = standard.runner.rsplit(".", 1)[-1]
+    if runner in (PRISM, "DirectRunner", "SwitchingDirectRunner") and not prism.prism_location:
+        prism.prism_location = prism_location()
+    if streaming:
+        standard.streaming = True
+    LOG.info("configured runner: %s (streaming=%s)", runner, bool(standard.streaming))
+    return options
+
+
+def executed_runner(result) -> str:
+    """Name of the runner that actually executed the pipeline behind ``result``; logged."""
+    name = _runner_of(result)
+    LOG.info("pipeline executed on %s", name)
+    return name
+
+
+def _runner_of(result) -> str:
+    module = type(result).__module__
+    if module.endswith("portability.portable_runner"):
+        job_id = str(getattr(result, "_job_id", ""))
+        # Prism names its jobs job-001, job-002, ...; Flink's job server uses the job name and a UUID.
+        return PRISM if _PRISM_JOB_ID.match(job_id) else "PortableRunner"
+    if module.endswith("fn_api_runner.fn_runner"):
+        return FN_API
+    if module.endswith("direct.direct_runner"):
+        return BUNDLE_BASED_DIRECT
+    if "dataflow" in module:
+        return "DataflowRunner"
+    return type(result).__name__
+
+
+def is_prism(result) -> bool:
+    return _runner_of(result) == PRISM
+
+
+__all__ = [
+    "local_streaming_options",
+    "apply_default_runner",
+    "executed_runner",
+    "is_prism",
+    "PRISM",
+    "FN_API",
+    "BUNDLE_BASED_DIRECT",
+]
