@@ -1,0 +1,140 @@
+"""The Kinesis publisher under failure: partial PutRecords failures, throttling, an unreachable
+endpoint, concurrent requests sharing calls, and draining on shutdown. Kinesis is the moto server;
+faults are injected by a wrapper around the real client (tests.ingress_support.FaultyKinesis)."""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import zlib
+
+import pytest
+
+from ingress import create_app, shutdown
+from ingress.publisher import KinesisPublisher, PublishFailed
+from runners.local import free_port, wait_until
+from tests.ingress_support import (AUTH, FaultyKinesis, decoded, event, ingress_env,  # noqa: F401
+                                   make_app, metric_value, read_stream)
+
+URL = "/v1/events"
+
+
+def post(client, body):
+    return client.post(URL, data=json.dumps(body), headers={"Content-Type": "application/json", **AUTH})
+
+
+def stream_ids(stack) -> list[str]:
+    return [e["event_id"] for e in decoded(read_stream(stack.client("kinesis"), stack.config.stream))]
+
+
+def test_partial_failures_are_retried_without_loss_or_duplicates(ingress_env):
+    # A third of the entries fail on their first two attempts, as a partially throttled shard reports them.
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), fail_first_attempts=2,
+                           select=lambda data: zlib.crc32(data) % 3 == 0)
+    app = make_app(ingress_env, faulty)
+    resp = post(app.test_client(), {"events": [event(i) for i in range(300)]})
+    assert resp.status_code == 202 and resp.get_json()["accepted"] == 300
+    assert faulty.failed_entries > 0
+    ids = stream_ids(ingress_env)
+    assert collections.Counter(ids) == collections.Counter(f"ev-{i}" for i in range(300))
+    assert metric_value(app, "eventlake_ingress_kinesis_retries_total") == faulty.failed_entries
+    # Only the failed entries were put again: every call after the first is no larger than the failures left.
+    assert faulty.records_per_call[0] == 300 and max(faulty.records_per_call[1:]) < 300
+
+
+def test_whole_call_throttling_is_retried(ingress_env):
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), throttle_calls=3)
+    app = make_app(ingress_env, faulty)
+    resp = post(app.test_client(), {"events": [event(i) for i in range(10)]})
+    assert resp.status_code == 202
+    assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(10))
+    assert faulty.calls == 4
+    assert metric_value(app, "eventlake_ingress_kinesis_retries_total") == 30
+
+
+def test_entries_that_keep_failing_give_503_and_nothing_counts_as_accepted(ingress_env):
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), fail_first_attempts=10**6,
+                           select=lambda data: b'"ev-3"' in data)
+    app = make_app(ingress_env, faulty, max_attempts=3)
+    resp = post(app.test_client(), {"events": [event(i) for i in range(5)]})
+    assert resp.status_code == 503
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert resp.get_json()["error"] == "kinesis_unavailable"
+    assert "accepted" not in resp.get_json()
+    assert metric_value(app, "eventlake_ingress_events_accepted_total") == 0
+    assert metric_value(app, "eventlake_ingress_events_rejected_total", reason="kinesis_unavailable") == 5
+    assert faulty.calls == 3  # bounded attempts
+    assert "ev-3" not in stream_ids(ingress_env)
+
+
+def test_unreachable_kinesis_gives_503_and_not_ready(ingress_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    app = create_app({"EVENTLAKE_PUBLISH_TIMEOUT_SECONDS": "1.5", "EVENTLAKE_PUBLISH_MAX_ATTEMPTS": "4"})
+    client = app.test_client()
+    resp = post(client, {"events": [event(i) for i in range(3)]})
+    assert resp.status_code == 503 and resp.headers["Retry-After"]
+    assert metric_value(app, "eventlake_ingress_events_accepted_total") == 0
+    assert metric_value(app, "eventlake_ingress_kinesis_put_records_calls_total", outcome="unreachable") >= 1
+    assert client.get("/readyz").status_code == 503
+    assert stream_ids(ingress_env) == []
+
+
+def test_concurrent_requests_share_put_records_calls(ingress_env):
+    gate = threading.Event()
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
+    app = make_app(ingress_env, faulty, senders=1)
+    statuses = []
+
+    def send(n):
+        resp = post(app.test_client(), {"events": [event(n * 10 + i) for i in range(10)]})
+        statuses.append(resp.status_code)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    publisher = app.extensions["eventlake"].publisher
+    # The first call holds the only sender; the other seven requests queue up behind it.
+    wait_until(lambda: faulty.calls == 1 and len(publisher._queue) + faulty.records_per_call[0] == 80,
+               timeout=30, what="queued requests")
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert statuses == [202] * 8
+    assert len(faulty.records_per_call) == 2 and sum(faulty.records_per_call) == 80
+    assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(80))
+
+
+def test_call_size_stays_within_kinesis_limits(ingress_env):
+    faulty = FaultyKinesis(ingress_env.client("kinesis"))
+    publisher = KinesisPublisher(ingress_env.config.stream, client_factory=lambda: faulty, senders=1)
+    big = b"x" * 900_000
+    publisher.publish([(big + str(i).encode(), f"k{i}") for i in range(7)])
+    assert all(n * 900_000 <= 5 * 1024 * 1024 for n in faulty.records_per_call)
+    assert sum(faulty.records_per_call) == 7 and len(faulty.records_per_call) >= 2
+    with pytest.raises(ValueError):
+        publisher.publish([(b"x" * (1024 * 1024), "k")])
+    publisher.close(5)
+
+
+def test_shutdown_drains_queued_records(ingress_env):
+    gate = threading.Event()
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
+    app = make_app(ingress_env, faulty, senders=1)
+    results = []
+    threads = [threading.Thread(target=lambda n=n: results.append(
+        post(app.test_client(), {"events": [event(n * 10 + i) for i in range(10)]}).status_code)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    publisher = app.extensions["eventlake"].publisher
+    wait_until(lambda: faulty.calls == 1 and len(publisher._queue) + faulty.records_per_call[0] == 30,
+               timeout=30, what="queued requests")
+    closer = threading.Thread(target=lambda: results.append(shutdown(app, timeout=30)))
+    closer.start()
+    gate.set()
+    closer.join(30)
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results, key=str) == sorted([202, 202, 202, True], key=str)
+    assert len(stream_ids(ingress_env)) == 30
+    with pytest.raises(PublishFailed):
+        publisher.publish([(b"{}", "k")])
