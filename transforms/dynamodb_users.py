@@ -15,7 +15,10 @@ declared (``Decimal`` -> int/float, sets -> sorted lists, maps -> dicts,
 ``format: date-time`` -> int epoch ms UTC); every declared field is present,
 ``None`` when the item lacks it or holds a value of another type.
 
-Nothing here logs or raises with a user id or an attribute value.
+Nothing here logs or raises with a user id or an attribute value. (botocore's
+own DEBUG logs print request and response bodies: keep the ``botocore`` loggers
+at INFO or above wherever personal data flows.) botocore's retries are off in
+the default client: this policy owns the retries, so ``attempts`` counts real tries.
 """
 from __future__ import annotations
 
@@ -60,16 +63,6 @@ def _in_flight_limit(identity: str, limit: int) -> threading.BoundedSemaphore:
         if key not in _IN_FLIGHT:
             _IN_FLIGHT[key] = threading.BoundedSemaphore(limit)
         return _IN_FLIGHT[key]
-
-
-class UserLookupUnavailable(Exception):
-    """A lookup that could not be answered; ``code`` is an AWS error code or exception class."""
-
-    def __init__(self, code: str, *, transient: bool, throttled: bool = False):
-        super().__init__(f"DynamoDB lookup failed: {code}")
-        self.code = code
-        self.transient = transient
-        self.throttled = throttled
 
 
 @dataclasses.dataclass(frozen=True)

@@ -260,8 +260,8 @@ class EnrichWithUserAttributes(beam.PTransform):
         cache_ttl_seconds: float = 300.0,
         miss_ttl_seconds: float = 30.0,
         cache_max_entries: int = 100_000,
-        batch_size: int = 100,
-        max_buffered_events: int = 1_000,
+        batch_size: int = 400,
+        max_buffered_events: int = 2_000,
         clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
