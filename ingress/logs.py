@@ -26,12 +26,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"), default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (servers and test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(level: str = "INFO") -> None:
     """JSON lines on stderr for the ``ingress`` loggers (idempotent)."""
     logger = logging.getLogger("ingress")
     if any(getattr(h, "_eventlake", False) for h in logger.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler._eventlake = True
     logger.addHandler(handler)
