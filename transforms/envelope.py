@@ -90,7 +90,11 @@ def describe_validation_error(exc: ValidationError) -> str:
     """A one-line, value-free description of the first problems of ``exc``."""
     parts = []
     for err in exc.errors(include_input=False, include_url=False)[:3]:
-        field = ".".join(str(p) for p in err.get("loc", ()))
+        if err["type"] == "extra_forbidden":
+            # The name of an unknown field is client text and may hold personal data.
+            parts.append("event has a field that is not an envelope field")
+            continue
+        field = ".".join(str(p) for p in err.get("loc", ()) if str(p) in Envelope.model_fields)
         if err["type"] == "value_error":
             parts.append("user_id or anonymous_id is required")
             continue
