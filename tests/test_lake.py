@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 
 from runners.metrics import counter_totals
 from transforms.lake import WriteToLake
@@ -156,6 +156,23 @@ def test_every_row_lands_in_its_hive_partition(tmp_path):
 
     assert totals["lake.rows_written"] == 100
     assert totals["lake.files_written"] == len(files)
+
+
+def test_written_file_descriptors_account_for_every_row(tmp_path):
+    out = str(tmp_path / "lake")
+    p = TestPipeline()
+    files, _ = (p | beam.Create(mixed_rows(50))
+                | beam.Map(lambda r: TimestampedValue(r, r["received_at"] / 1000))
+                | WriteToLake(out, SCHEMA_DIR))
+    files = files | "Unwindow" >> beam.WindowInto(GlobalWindows())
+    total = files | "Rows" >> beam.Map(lambda f: f["rows"]) | beam.CombineGlobally(sum).without_defaults()
+    assert_that(total, equal_to([50]), label="AllRows")
+    described = files | "Described" >> beam.Map(lambda f: (
+        os.path.exists(f["path"]), f"event_type={f['event_type']}" in f["path"],
+        "year={}/month={}/day={}".format(*f["date"].split("-")) in f["path"],
+        f["window"].count("/") == 1 and f["pane"] == 0))
+    assert_that(described | beam.Distinct(), equal_to([(True, True, True, True)]), label="Descriptors")
+    p.run().wait_until_finish()
 
 
 def test_nested_struct_list_and_timestamp_columns_round_trip(tmp_path):
