@@ -348,3 +348,33 @@ def test_for_table_wires_the_dynamodb_backend(stack):
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
         events, _ = p | beam.Create(inputs) | EnrichWithUserAttributes.for_table(stack.config.users_table, USER_SCHEMA)
         assert_that(events | beam.Map(lambda pair: pair[1]["user"]["profile"]["height_cm"]), equal_to([171]))
+
+
+def test_the_composite_runs_on_prism_with_windows_and_dead_letters(stack):
+    from runners import prism, profiles
+
+    try:
+        options = profiles.local_streaming_options(streaming=False)
+    except prism.PrismUnavailable:
+        pytest.skip("Prism is not built (python -m runners.prism build)")
+    stack.seed_users([{"user_id": f"w-{n}", "email": f"w-{n}@x.org"} for n in range(0, 6, 2)])
+    inputs = [event_for(n, f"w-{n}", received_at=BASE_MS + n * 25_000) for n in range(6)] + [event_for(6, None)]
+    p = beam.Pipeline(options=options)
+    stamped = (
+        p | beam.Create(inputs)
+        | "Stamp" >> beam.Map(lambda pair: window.TimestampedValue(pair, pair[1]["received_at"] / 1000))
+        | "Minute" >> beam.WindowInto(window.FixedWindows(60))
+    )
+    events, dead = stamped | "Enrich" >> EnrichWithUserAttributes(lookup_for(stack), batch_size=2)
+    assert_that(events | beam.ParDo(_WhereAndWhen()), equal_to([
+        (f"e-{n}", BASE_MS + n * 25_000, BASE_MS + (n * 25_000 // 60_000) * 60_000, n % 2 == 0) for n in range(6)
+    ] + [("e-6", BASE_MS + 6, BASE_MS, False)]))
+    assert_that(dead, is_empty(), label="NoDeadLetters")
+    closed = f"http://127.0.0.1:{free_port()}"
+    _, outage_dead = stamped | "EnrichOutage" >> EnrichWithUserAttributes(
+        lookup_for(stack, endpoint_url=closed, connect_timeout=1, read_timeout=1))
+    assert_that(outage_dead | beam.Map(lambda d: (d["source"]["sequence_number"], d["failure"]["attempts"])),
+                equal_to([(r.sequence_number, 3) for r, _ in inputs[:6]]), label="OutageDeadLetters")
+    result = p.run()
+    result.wait_until_finish()
+    assert profiles.is_prism(result)
