@@ -1,0 +1,190 @@
+"""Mask stage: personal data masked as the schemas declare (SPEC "Schemas and masking").
+
+For each ``(record, event)`` (docs/CONTRACTS.md), in one pass over
+``properties``, ``context`` and ``user``:
+
+1. fields with ``x-pii`` get their action (``pseudonymize``, ``redact``,
+   ``truncate_ip``: a string or null; ``drop``: the field is removed), at any
+   depth, array items included. Event types use their own schema, ``user`` uses
+   ``_user.json``, ``context`` the context schema;
+2. ``context.ip`` is truncated whatever the schemas say (a stronger declared
+   action, ``redact``/``pseudonymize``/``drop``, is kept);
+3. every other string anywhere (and the keys of undeclared objects such as
+   ``context.extra``) is scrubbed of e-mail and IP addresses. The outputs of
+   step 1 are not scrubbed: a pseudonym or a truncated address is the point.
+
+An event that cannot be masked is a dead letter of stage ``mask`` (reason
+``masking_failed``, or ``unknown_event_type``), never passed through. Keys are
+loaded in ``DoFn.setup()`` (``transforms.pseudonymization_keys``); setup fails
+with a clear error when a schema pseudonymizes and no key is configured.
+
+Metrics (namespace ``eventlake``): ``mask.received``, ``mask.succeeded``,
+``mask.dead_lettered``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.dead_letter import dead_letter
+from transforms.pii import pseudonymize, redact, scrub_free_text, truncate_ip
+from transforms.pseudonymization_keys import KeyRing, load_keys, require_keys
+from transforms.schemas import SchemaRegistry, UnknownEventType, pii_paths, read_documents
+
+NAMESPACE = "eventlake"
+STAGE = "mask"
+EVENTS = "events"
+DEAD_LETTERS = "dead_letters"
+MASKING_FAILED = "masking_failed"
+_STRONGER_THAN_TRUNCATION = ("redact", "pseudonymize", "drop")
+
+_log = logging.getLogger(__name__)
+
+
+def context_schema_with_ip_truncated(context_schema: dict) -> dict:
+    """The context schema with the built-in rule: ``ip`` is at least truncated."""
+    node = copy.deepcopy(context_schema)
+    properties = node.setdefault("properties", {})
+    ip = properties.setdefault("ip", {"type": "string"})
+    if ip.get("x-pii") not in _STRONGER_THAN_TRUNCATION:
+        ip["x-pii"] = "truncate_ip"
+    return node
+
+
+def schemas_pseudonymize(registry: SchemaRegistry) -> bool:
+    """Whether any schema of the registry asks for pseudonymization (and so needs a key)."""
+    documents = [registry.properties_schema(t) for t in registry.event_types()]
+    documents += [registry.user_schema, registry.context_schema]
+    return any(action == "pseudonymize" for document in documents for _, action in pii_paths(document))
+
+
+class PersonalDataMasker:
+    """Masks one event by the registry's schemas; plain Python, no I/O."""
+
+    def __init__(self, registry: SchemaRegistry, keys: Optional[KeyRing]):
+        if schemas_pseudonymize(registry):
+            keys = require_keys(keys, why="a schema declares x-pii 'pseudonymize'")
+        self._registry = registry
+        self._key = keys.current if keys is not None else None
+        self._context = context_schema_with_ip_truncated(registry.context_schema)
+
+    def mask(self, event: dict) -> dict:
+        """A new event with ``properties``, ``context`` and ``user`` masked; the input is not changed."""
+        properties_schema = self._registry.properties_schema(event["event_type"])
+        return {
+            **event,
+            "properties": self._masked(properties_schema, event["properties"]),
+            "context": self._masked(self._context, event.get("context")),
+            "user": self._masked(self._registry.user_schema, event.get("user")),
+        }
+
+    def _act(self, action: str, value: Any) -> Optional[str]:
+        if action == "pseudonymize":
+            return pseudonymize(value, self._key)
+        if action == "redact":
+            return redact(value)
+        if action == "truncate_ip":
+            return truncate_ip(value)
+        raise ValueError(f"unknown x-pii action {action!r}")  # schemas.py admits none other
+
+    def _masked(self, node: Optional[dict], value: Any) -> Any:
+        if value is None:
+            return None
+        if node is not None:
+            action = node.get("x-pii")
+            if action is not None:
+                return self._act(action, value)
+            if isinstance(value, dict) and "properties" in node:
+                declared = node["properties"]
+                masked = {}
+                for name, item in value.items():
+                    sub = declared.get(name)
+                    if sub is None:  # not declared: the name itself is data
+                        masked[scrub_free_text(name)] = self._masked(None, item)
+                    elif sub.get("x-pii") != "drop":
+                        masked[name] = self._masked(sub, item)
+                return masked
+            if isinstance(value, list) and "items" in node:
+                return [self._masked(node["items"], item) for item in value]
+        if isinstance(value, str):
+            return scrub_free_text(value)
+        if isinstance(value, dict):
+            return {scrub_free_text(name): self._masked(None, item) for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._masked(None, item) for item in value]
+        return value
+
+
+class MaskPersonalDataFn(beam.DoFn):
+    """Masks events; keys exist only between ``setup()`` and the end of the worker."""
+
+    def __init__(self, documents: dict, keys_secret_id: Optional[str]):
+        self._documents = documents
+        self._keys_secret_id = keys_secret_id
+        self._masker: Optional[PersonalDataMasker] = None
+        self.received = Metrics.counter(NAMESPACE, "mask.received")
+        self.succeeded = Metrics.counter(NAMESPACE, "mask.succeeded")
+        self.dead_lettered = Metrics.counter(NAMESPACE, "mask.dead_lettered")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_masker"] = None  # never ship loaded keys, whoever pickles this
+        return state
+
+    def setup(self):
+        registry = SchemaRegistry.from_documents(self._documents)
+        keys = load_keys(self._keys_secret_id)
+        self._masker = PersonalDataMasker(registry, keys)
+        if keys is not None:
+            _log.info("masking with pseudonymization key %s (%d version(s) loaded)", keys.current.id, len(keys))
+
+    def teardown(self):
+        self._masker = None
+
+    def process(self, element):
+        record, event = element
+        self.received.inc()
+        try:
+            masked = self._masker.mask(event)
+        except UnknownEventType as exc:
+            yield self._dead_letter(record, exc.reason, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure is a dead letter, never a crash or a pass-through
+            yield self._dead_letter(record, MASKING_FAILED, f"masking failed ({type(exc).__name__})")
+            return
+        self.succeeded.inc()
+        yield record, masked
+
+    def _dead_letter(self, record, reason: str, message: str):
+        self.dead_lettered.inc()
+        return beam.pvalue.TaggedOutput(
+            DEAD_LETTERS, dead_letter(STAGE, reason, message, retryable=False, record=record))
+
+
+class MaskPersonalData(beam.PTransform):
+    """``(record, event)`` -> ``(record, masked event)``; returns ``(events, dead_letters)``.
+
+    ``keys_secret_id`` names a Secrets Manager secret holding the keys (else
+    ``EVENTLAKE_PSEUDONYMIZATION_SECRET_ID`` or ``EVENTLAKE_PSEUDONYMIZATION_KEYS``
+    in the workers' environment). Only the id travels in the graph.
+    """
+
+    def __init__(self, schema_dir: str, *, keys_secret_id: Optional[str] = None):
+        super().__init__()
+        if not isinstance(schema_dir, str) or not schema_dir:
+            raise ValueError(f"schema_dir must be a directory path, got {schema_dir!r}")
+        if keys_secret_id is not None and (not isinstance(keys_secret_id, str) or not keys_secret_id.strip()):
+            raise ValueError(f"keys_secret_id must be a Secrets Manager secret id or None, got {keys_secret_id!r}")
+        self._schema_dir = schema_dir
+        self._keys_secret_id = keys_secret_id
+
+    def expand(self, events):
+        documents = read_documents(self._schema_dir)
+        SchemaRegistry.from_documents(documents)  # a bad directory fails here, naming the file
+        results = events | "MaskFields" >> beam.ParDo(
+            MaskPersonalDataFn(documents, self._keys_secret_id)).with_outputs(DEAD_LETTERS, main=EVENTS)
+        return results[EVENTS], results[DEAD_LETTERS]
