@@ -173,7 +173,9 @@ class LocalStack:
         """Create the stream, table, queue and bucket (idempotent)."""
         cfg = self.config
         kinesis = self.client("kinesis")
-        if cfg.stream not in kinesis.list_streams().get("StreamNames", []):
+        try:
+            kinesis.describe_stream_summary(StreamName=cfg.stream)
+        except kinesis.exceptions.ResourceNotFoundException:
             kinesis.create_stream(StreamName=cfg.stream, ShardCount=cfg.shards)
         wait_until(
             lambda: kinesis.describe_stream_summary(StreamName=cfg.stream)["StreamDescriptionSummary"][
@@ -184,7 +186,9 @@ class LocalStack:
             what="the Kinesis stream",
         )
         dynamodb = self.client("dynamodb")
-        if cfg.users_table not in dynamodb.list_tables().get("TableNames", []):
+        try:
+            dynamodb.describe_table(TableName=cfg.users_table)
+        except dynamodb.exceptions.ResourceNotFoundException:
             dynamodb.create_table(
                 TableName=cfg.users_table,
                 KeySchema=[{"AttributeName": "user_id", "KeyType": "HASH"}],
