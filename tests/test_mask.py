@@ -11,6 +11,8 @@ import pickle
 
 import apache_beam as beam
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from apache_beam.internal import pickler
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -332,3 +334,21 @@ def test_no_secret_in_the_pickled_transform_dofn_or_pipeline(schema_dir, keys_en
     graph = p.to_runner_api().SerializeToString()
     assert SECRET.encode() not in graph and OLD_SECRET.encode() not in graph
     assert os.environ[KEYS_ENV] == KEYS  # the secret was there to be leaked
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(extra=st.dictionaries(st.text(max_size=10), _JSON, max_size=4), filler=st.text(max_size=10),
+       planted=st.sampled_from([EMAIL, IP4, IP6, COACH_EMAIL]))
+def test_planted_addresses_never_survive_anywhere_in_the_free_form_parts(extra, filler, planted):
+    masker = PersonalDataMasker(SchemaRegistry.from_documents(read_documents(default_schema_dir())), parse_keys(KEYS))
+    event = {"event_type": "app_opened", "properties": {},
+             "context": {"locale": f"{filler} {planted} {filler}", "extra": {**extra, planted: [f" {planted} ", extra]}},
+             "user": {"profile": {"city": f"{planted} "}}}
+    text = json.dumps(masker.mask(event), ensure_ascii=False)
+    assert planted not in text
