@@ -1,0 +1,187 @@
+"""Ingress throughput: events/s accepted and request latency under concurrent clients.
+
+Three measurements in one run, against one moto server in its own process
+(``runners.local``):
+
+1. ``kinesis``: gunicorn (``ingress.gunicorn_conf``) with the real publisher;
+   ``clients`` threads post batches of ``batch`` events for ``duration_s``.
+2. ``discard``: the same load with ``EVENTLAKE_PUBLISHER=discard`` (BENCHMARK-ONLY
+   mode: events are serialized and thrown away), i.e. the ingress's own cost.
+3. ``kinesis_put_limit_events_per_s``: a tight single-thread PutRecords loop of
+   500-record calls, same event size, against the same moto: the ceiling that
+   the emulated Kinesis itself sets.
+
+Rate limiting is off (``EVENTLAKE_RATE_LIMIT_RPS=0``): this measures capacity.
+The load generator, gunicorn and moto share the machine's cores, so figures are
+relative, not a production sizing. Usage::
+
+    python -m bench.ingress [--duration 20] [--clients 32] [--batch 100]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+import requests
+
+from runners.local import LocalStack, StackConfig, free_port, wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WRITE_KEY = "bench-write-key"
+
+
+def _event(n: int) -> dict:
+    return {"event_type": "page_view", "user_id": f"user-{n % 5000}", "timestamp": "2026-11-26T12:00:00.000Z",
+            "properties": {"path": f"/products/{n % 977}", "referrer": "https://search.example/?q=shoes",
+                           "duration_ms": n % 3000},
+            "context": {"user_agent": "Mozilla/5.0 (X11; Linux x86_64)", "locale": "en-GB", "app_version": "4.2.1"}}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(round(q * (len(sorted_values) - 1))))]
+
+
+def _start_gunicorn(env: dict, port: int, workers: int, threads: int) -> subprocess.Popen:
+    env = {**env, "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_WORKERS": str(workers),
+           "GUNICORN_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:ingress.gunicorn_conf",
+                             "ingress:create_app()"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with code {proc.returncode}")
+        return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+
+    wait_until(ready, timeout=60, what="gunicorn")
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _load(url: str, *, clients: int, batch: int, duration_s: float) -> dict:
+    """``clients`` threads post batches back to back until ``duration_s`` has passed."""
+    bodies = [json.dumps({"events": [_event(c * batch + i) for i in range(batch)]}).encode()
+              for c in range(clients)]
+    headers = {"Authorization": f"Bearer {WRITE_KEY}", "Content-Type": "application/json"}
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    statuses: list[collections.Counter] = [collections.Counter() for _ in range(clients)]
+    accepted = [0] * clients
+    start_line = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(index: int) -> None:
+        session = requests.Session()
+        start_line.wait()
+        while time.monotonic() < stop_at[0]:
+            sent = time.monotonic()
+            try:
+                resp = session.post(url, data=bodies[index], headers=headers, timeout=60)
+            except requests.RequestException:
+                statuses[index]["error"] += 1
+                continue
+            latencies[index].append(time.monotonic() - sent)
+            statuses[index][str(resp.status_code)] += 1
+            if resp.status_code == 202:
+                accepted[index] += resp.json()["accepted"]
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.monotonic() + duration_s
+    started = time.monotonic()
+    start_line.wait()
+    for thread in threads:
+        thread.join(duration_s + 120)
+    elapsed = time.monotonic() - started
+    flat = sorted(x for per in latencies for x in per)
+    total_status = sum(statuses, collections.Counter())
+    return {
+        "events_accepted": sum(accepted),
+        "events_per_s": round(sum(accepted) / elapsed, 1),
+        "requests": len(flat),
+        "statuses": dict(total_status),
+        "latency_p50_ms": round(_percentile(flat, 0.50) * 1000, 1),
+        "latency_p99_ms": round(_percentile(flat, 0.99) * 1000, 1),
+        "latency_mean_ms": round(statistics.fmean(flat) * 1000, 1) if flat else None,
+        "seconds": round(elapsed, 1),
+    }
+
+
+def _kinesis_put_limit(stack: LocalStack, *, duration_s: float) -> dict:
+    """Tight PutRecords loop, 500 records per call, one thread."""
+    kinesis = stack.client("kinesis")
+    records = [{"Data": json.dumps(_event(i), separators=(",", ":")).encode(), "PartitionKey": f"user-{i}"}
+               for i in range(500)]
+    put, calls = 0, 0
+    started = time.monotonic()
+    while time.monotonic() - started < duration_s:
+        resp = kinesis.put_records(StreamName=stack.config.stream, Records=records)
+        put += len(records) - resp.get("FailedRecordCount", 0)
+        calls += 1
+    elapsed = time.monotonic() - started
+    return {"events_per_s": round(put / elapsed, 1), "calls": calls, "seconds": round(elapsed, 1)}
+
+
+def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, workers: int = 2, threads: int = 16,
+        shards: int = 4, kinesis_loop_s: float = 5.0, stack: Optional[LocalStack] = None) -> dict:
+    """Runs the three measurements (module docstring) and returns their figures."""
+    if duration_s <= 0 or clients < 1 or not 1 <= batch <= 500:
+        raise ValueError(f"invalid bench settings: duration_s={duration_s}, clients={clients}, batch={batch}")
+    own_stack = stack is None
+    stack = stack or LocalStack(StackConfig(shards=shards)).start()
+    try:
+        base_env = {**os.environ, **stack.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0"}
+        results: dict = {"settings": {"duration_s": duration_s, "clients": clients, "batch": batch,
+                                      "gunicorn_workers": workers, "gunicorn_threads": threads,
+                                      "shards": shards, "cpus": os.cpu_count()}}
+        for mode in ("kinesis", "discard"):
+            port = free_port()
+            proc = _start_gunicorn({**base_env, "EVENTLAKE_PUBLISHER": mode}, port, workers, threads)
+            try:
+                results[mode] = _load(f"http://127.0.0.1:{port}/v1/events", clients=clients, batch=batch,
+                                      duration_s=duration_s)
+            finally:
+                _stop(proc)
+        results["kinesis_put_limit_events_per_s"] = _kinesis_put_limit(stack, duration_s=kinesis_loop_s)[
+            "events_per_s"]
+        return results
+    finally:
+        if own_stack:
+            stack.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingress", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(duration_s=args.duration, clients=args.clients, batch=args.batch, workers=args.workers,
+                         threads=args.threads), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
