@@ -368,10 +368,13 @@ class KinesisReader(UnboundedReader):
         return True
 
     def _get_records(self, shard: _Shard, now: float) -> None:
-        shard.next_poll_at = now + max(MIN_POLL_INTERVAL_SECONDS, self.source.config.poll_interval_seconds)
+        interval = max(MIN_POLL_INTERVAL_SECONDS, self.source.config.poll_interval_seconds)
+        shard.next_poll_at = now + interval
         try:
             if shard.iterator is None:
                 shard.iterator = self._acquire_iterator(shard)
+            # Paced from the moment of the call itself, whatever came before it.
+            shard.next_poll_at = self._clock() + interval
             response = self._client.get_records(ShardIterator=shard.iterator, Limit=self.source.config.records_per_call)
         except (ClientError, BotoConnectionError, ReadTimeoutError) as exc:
             code = _error_code(exc)

@@ -1,0 +1,298 @@
+"""Behaviour of the Kinesis source against moto Kinesis (a separate moto server process)."""
+from __future__ import annotations
+
+import os
+import time
+
+import apache_beam as beam
+import pytest
+
+from runners.local import wait_until
+from runners.metrics import counter_totals
+from runners.profiles import PRISM, executed_runner, local_streaming_options
+from tests.test_kinesis_support import (
+    FaultyClientFactory,
+    Producer,
+    assert_exactly_once_in_order,
+    decode,
+    drain,
+    envelope,
+    fill_shards,
+    kinesis_client,
+    open_shards,
+    put_all,
+    split_readers,
+    wait_for_active,
+)
+from transforms.kinesis import KinesisSource, ReaderConfig, ReadFromKinesis, StartPosition
+from transforms.kinesis_checkpoint import (
+    AFTER,
+    DONE,
+    START,
+    KinesisCheckpointCoder,
+    KinesisCheckpointMark,
+    ShardPosition,
+)
+
+pytestmark = pytest.mark.usefixtures("stack")
+
+
+def _source(stack, start="trim_horizon", **config):
+    config.setdefault("stop_when_idle_seconds", 1.0)
+    return KinesisSource(stack.config.stream, StartPosition.parse(start), ReaderConfig(**config))
+
+
+# -- configuration and checkpoint coding -------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "earliest", "at_timestamp=yesterday", "at_timestamp=2026-11-26T10:00:00"])
+def test_start_position_rejects_unknown_values(bad):
+    with pytest.raises(ValueError, match="start_position"):
+        StartPosition.parse(bad)
+
+
+def test_start_position_at_timestamp_is_epoch_ms():
+    assert StartPosition.parse("at_timestamp=2026-11-26T10:00:00.250Z") == StartPosition("at_timestamp", 1795687200250)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"stop_when_idle_seconds": 0}, "stop_when_idle_seconds"),
+        ({"poll_interval_seconds": 0.1}, "poll_interval_seconds"),
+        ({"records_per_call": 10_001}, "records_per_call"),
+        ({"max_bundle_seconds": 0}, "max_bundle_seconds"),
+    ],
+)
+def test_read_from_kinesis_validates_its_config(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ReadFromKinesis("events", **kwargs)
+
+
+def test_checkpoint_coder_is_deterministic_json_and_round_trips():
+    coder = KinesisCheckpointCoder()
+    mark = KinesisCheckpointMark(
+        [
+            ShardPosition("shardId-000000000002", START, None, ("shardId-000000000000",)),
+            ShardPosition("shardId-000000000000", DONE),
+            ShardPosition("shardId-000000000001", AFTER, "49590338271490256608559692538361571095921575989136588898"),
+        ]
+    )
+    encoded = coder.encode(mark)
+    assert encoded == coder.encode(coder.decode(encoded))
+    assert coder.decode(encoded) == mark
+    assert coder.is_deterministic()
+    assert encoded.startswith(b'{"shards":[["shardId-000000000000","done"')  # sorted, canonical JSON
+    with pytest.raises(ValueError, match="version"):
+        coder.decode(b'{"shards":[],"v":99}')
+
+
+# -- reading -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_checkpoint_then_resume_reads_no_gap_and_no_duplicate(stack):
+    client = kinesis_client()
+    expected = fill_shards(client, stack.config.stream, 1500)
+    coder = KinesisCheckpointCoder()
+    read = []
+    for sub in _source(stack).split(20):
+        first = sub.create_reader(None, None)
+        read += drain(first, limit=700)  # stop mid-shard
+        mark = coder.decode(coder.encode(first.get_checkpoint_mark()))
+        first.close()
+        assert [p.kind for p in mark.positions] == [AFTER]
+        resumed = sub.create_reader(None, mark)
+        read += drain(resumed)
+    assert_exactly_once_in_order([decode(r.data) for r in read], expected)
+
+
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_latest_skips_history_and_a_checkpoint_before_any_record_resumes_without_loss(stack):
+    client = kinesis_client()
+    stream = stack.config.stream
+    put_all(client, stream, [{"Data": envelope("old", i), "PartitionKey": "old"} for i in range(100)])
+    source = KinesisSource(stream, StartPosition.parse("latest"), ReaderConfig(stop_when_idle_seconds=1.0))
+    coder = KinesisCheckpointCoder()
+    readers = split_readers(source)
+    marks = []
+    for reader in readers:
+        assert not reader.start()  # takes a LATEST iterator; nothing new yet
+        marks.append(coder.decode(coder.encode(reader.get_checkpoint_mark())))
+        reader.close()
+    time.sleep(0.01)
+    put_all(client, stream, [{"Data": envelope("new", i), "PartitionKey": "new"} for i in range(100)])
+    read = []
+    for sub, mark in zip(source.split(20), marks):
+        read += drain(sub.create_reader(None, mark))
+    assert_exactly_once_in_order([decode(r.data) for r in read], {"new": 100})
+
+
+@pytest.mark.parametrize("stack", [{"shards": 1}], indirect=True)
+def test_event_time_is_received_at_else_arrival_time(stack):
+    client = kinesis_client()
+    put_all(
+        client,
+        stack.config.stream,
+        [
+            {"Data": envelope("k", 0, received_at_ms=1_700_000_000_123), "PartitionKey": "k"},
+            {"Data": b"not json at all", "PartitionKey": "k"},
+        ],
+    )
+    (reader,) = split_readers(_source(stack))
+    assert reader.start()
+    assert reader.get_current_timestamp().micros == 1_700_000_000_123_000
+    assert reader.advance()
+    arrival = reader.get_current_timestamp().micros / 1e6
+    assert abs(arrival - time.time()) < 600  # ApproximateArrivalTimestamp: now, not 2023
+
+
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_throttling_and_expired_iterators_lose_nothing(stack):
+    client = kinesis_client()
+    expected = fill_shards(client, stack.config.stream, 3000, keys_per_shard=20)
+    factory = FaultyClientFactory(stack.config.stream, throttle_every=3, expire_every=4)
+    source = KinesisSource(
+        stack.config.stream,
+        StartPosition.parse("trim_horizon"),
+        ReaderConfig(stop_when_idle_seconds=1.0, records_per_call=250),
+        client_factory=factory,
+    )
+    read = []
+    for reader in split_readers(source):
+        read += drain(reader)
+    log = FaultyClientFactory.LOGS[stack.config.stream]
+    assert log["throttled"] >= 5 and log["expired"] >= 3
+    assert_exactly_once_in_order([decode(r.data) for r in read], expected)
+
+
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_getrecords_is_paced_per_shard(stack):
+    client = kinesis_client()
+    fill_shards(client, stack.config.stream, 400)
+    calls: dict[int, list[float]] = {}
+
+    class Recording:
+        def __init__(self, real):
+            self._real = real
+
+        def get_records(self, **kwargs):
+            calls.setdefault(id(self), []).append(time.monotonic())
+            return self._real.get_records(**kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    from transforms.kinesis import default_kinesis_client
+
+    source = KinesisSource(
+        stack.config.stream,
+        StartPosition.parse("trim_horizon"),
+        ReaderConfig(stop_when_idle_seconds=1.0, records_per_call=50),
+        client_factory=lambda e, r: Recording(default_kinesis_client(e, r)),
+    )
+    for reader in split_readers(source):  # one shard per reader, so one client per shard
+        drain(reader)
+    assert calls
+    for times in calls.values():
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(gaps) >= 8 and min(gaps) >= 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_split_and_merge_while_records_flow_reads_parents_before_children(stack):
+    client = kinesis_client()
+    stream = stack.config.stream
+    keys = [f"user-{i}" for i in range(40)]
+    producer = Producer(client, stream, keys, batch=40, interval=0.05)
+    readers = split_readers(_source(stack, stop_when_idle_seconds=3.0))
+    started = [False] * len(readers)
+    out: list = []
+    done: set[int] = set()
+
+    def pump(seconds: float) -> None:
+        """Drives every reader round robin for ``seconds`` (as bundles would)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and len(done) < len(readers):
+            for index, reader in enumerate(readers):
+                if index in done:
+                    continue
+                has = reader.advance() if started[index] else reader.start()
+                started[index] = True
+                for _ in range(500):
+                    if not has:
+                        break
+                    out.append(reader.get_current())
+                    has = reader.advance()
+                if not has and reader.get_watermark().micros >= 2**62:
+                    done.add(index)
+            time.sleep(0.02)
+
+    producer.start()
+    pump(2.0)
+    first = open_shards(client, stream)[0]
+    start_key = int(client.list_shards(StreamName=stream)["Shards"][0]["HashKeyRange"]["StartingHashKey"])
+    end_key = int(client.list_shards(StreamName=stream)["Shards"][0]["HashKeyRange"]["EndingHashKey"])
+    client.split_shard(StreamName=stream, ShardToSplit=first.shard_id, NewStartingHashKey=str((start_key + end_key) // 2))
+    wait_until(lambda: wait_for_active(client, stream), timeout=30, what="split")
+    pump(2.0)
+    children = [s for s in open_shards(client, stream) if s.parent == first.shard_id]
+    assert len(children) == 2
+    client.merge_shards(StreamName=stream, ShardToMerge=children[0].shard_id, AdjacentShardToMerge=children[1].shard_id)
+    wait_until(lambda: wait_for_active(client, stream), timeout=30, what="merge")
+    pump(2.0)
+    expected = producer.stop()
+    pump(60.0)
+    assert len(done) == len(readers), "readers did not finish after the producer stopped"
+
+    shards_seen = {r.shard_id for r in out}
+    merged = [s for s in open_shards(client, stream) if s.parent in {c.shard_id for c in children}]
+    assert {first.shard_id, *(c.shard_id for c in children), merged[0].shard_id} <= shards_seen
+    assert_exactly_once_in_order([decode(r.data) for r in out], expected)
+    # Parents before children: no record of a parent is emitted after a record of its child.
+    position = {}
+    for index, record in enumerate(out):
+        position.setdefault(record.shard_id, []).append(index)
+    lineage = [(first.shard_id, c.shard_id) for c in children] + [(c.shard_id, merged[0].shard_id) for c in children]
+    for parent, child in lineage:
+        assert max(position[parent]) < min(position[child]), f"{child} read before {parent} was drained"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", [{"shards": 4}], indirect=True)
+def test_four_shards_of_20000_records_read_exactly_once_in_key_order_on_prism(stack, tmp_path):
+    client = kinesis_client()
+    expected = fill_shards(client, stack.config.stream, 20_000, keys_per_shard=100)
+    out_dir = str(tmp_path)
+
+    pipeline = beam.Pipeline(options=local_streaming_options())
+    _ = (
+        pipeline
+        | "ReadKinesis" >> ReadFromKinesis(stack.config.stream, stop_when_idle_seconds=2.0)
+        | "WriteShardLog" >> beam.ParDo(AppendPerShard(out_dir))
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert executed_runner(result) == PRISM
+
+    read = []
+    for name in sorted(os.listdir(out_dir)):
+        with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+            read += [tuple(line.rsplit(" ", 1)) for line in handle.read().split("\n") if line]
+    assert_exactly_once_in_order([(key, int(n)) for key, n in read], expected)
+    totals = counter_totals(result)
+    assert totals["kinesis.records_read"] == 80_000
+    assert totals["kinesis.bytes_read"] > 80_000 * 50
+
+
+class AppendPerShard(beam.DoFn):
+    """Appends ``key n`` lines to one file per shard, in the order the source emits them."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def process(self, record):
+        key, n = decode(record.data)
+        with open(os.path.join(self.out_dir, record.shard_id), "a", encoding="utf-8") as handle:
+            handle.write(f"{key} {n}\n")
