@@ -143,9 +143,11 @@ def redact(value: Any) -> Optional[str]:
 
 # -- scrub_free_text -----------------------------------------------------------------------------
 
-# Characters an e-mail address is made of (RFC 5322 atoms, plus Unicode letters for SMTPUTF8).
-# One greedy class and nothing after it: a run is matched once and never backtracked into.
-_EMAIL_RUN = re.compile(r"[\w.!#$%&'*+/=?^`{|}~@-]+")
+# Runs of the characters an e-mail address is made of (RFC 5322 atoms, plus Unicode letters for
+# SMTPUTF8) that hold an "@". The lookbehind lets an attempt start only where a run starts, and the
+# classes before "@" exclude "@", so an attempt reads its run once and backs off at most once.
+_E = r"\w.!#$%&'*+/=?^`{|}~\-"
+_EMAIL_RUN = re.compile(rf"(?<![{_E}@])[{_E}]*@[{_E}@]*")
 # Inside a run that holds "@": something before it and a dotted domain after it.
 # "[^@]@" fixes where an attempt starts; the domain classes exclude "." and "@",
 # so each attempt ends at the next "@" without backtracking.
@@ -157,8 +159,8 @@ _IPV4 = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
 # Every attempt is at most 15 characters long.
 _IPV4_IN_TEXT = re.compile(rf"(?<![0-9]){_IPV4}(?![0-9])")
 
-# Runs of what IPv6 text is made of, again one greedy class.
-_HEX_RUN = re.compile(r"[0-9A-Fa-f:.]+")
+# Runs of what IPv6 text is made of that hold two colons, matched the same way.
+_HEX_RUN = re.compile(r"(?<![0-9A-Fa-f:.])[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")
 _H = r"[0-9A-Fa-f]{1,4}"
 # Every form of RFC 4291 text (longest-ending forms first); each attempt is at most 45 characters.
 # The lookahead refuses a match that the next group would extend, so "1::2:3" is one address.
@@ -182,7 +184,7 @@ _IPV6_IN_RUN = re.compile(
 
 def _scrub_email_run(match: re.Match) -> str:
     run = match.group()
-    if "@" not in run or not _EMAIL_IN_RUN.search(run):
+    if not _EMAIL_IN_RUN.search(run):
         return run
     trailer = _RUN_TRAILER.search(run)  # sentence punctuation after an address stays
     return EMAIL_MARKER + (trailer.group() if trailer else "")
@@ -190,8 +192,6 @@ def _scrub_email_run(match: re.Match) -> str:
 
 def _scrub_ipv6_run(match: re.Match) -> str:
     run = match.group()
-    if run.count(":") < 2:
-        return run
     # A run glued to a word ("std::", "Data::Dumper") does not start or end an address there:
     # "_" stands for that word so the pattern's lookarounds see it.
     text, start, end = match.string, match.start(), match.end()
