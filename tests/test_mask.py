@@ -342,11 +342,22 @@ _JSON = st.recursive(
     max_leaves=12)
 
 
+_PROJECT_MASKER = []
+
+
+def project_masker() -> PersonalDataMasker:
+    """The project schemas' masker, built once (compiling every schema per example is slow)."""
+    if not _PROJECT_MASKER:
+        registry = SchemaRegistry.from_documents(read_documents(default_schema_dir()))
+        _PROJECT_MASKER.append(PersonalDataMasker(registry, parse_keys(KEYS)))
+    return _PROJECT_MASKER[0]
+
+
 @settings(max_examples=100, deadline=None)
 @given(extra=st.dictionaries(st.text(max_size=10), _JSON, max_size=4), filler=st.text(max_size=10),
        planted=st.sampled_from([EMAIL, IP4, IP6, COACH_EMAIL]))
 def test_planted_addresses_never_survive_anywhere_in_the_free_form_parts(extra, filler, planted):
-    masker = PersonalDataMasker(SchemaRegistry.from_documents(read_documents(default_schema_dir())), parse_keys(KEYS))
+    masker = project_masker()
     event = {"event_type": "app_opened", "properties": {},
              "context": {"locale": f"{filler} {planted} {filler}", "extra": {**extra, planted: [f" {planted} ", extra]}},
              "user": {"profile": {"city": f"{planted} "}}}
