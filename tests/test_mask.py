@@ -283,8 +283,10 @@ def test_schemas_without_pseudonymization_need_no_key(tmp_path, monkeypatch):
     monkeypatch.delenv(KEYS_ENV, raising=False)
     monkeypatch.delenv(SECRET_ID_ENV, raising=False)
     (tmp_path / "note_taken.json").write_text(json.dumps(
-        {"$schema": DRAFT, "version": 1, **obj({"text": {"type": "string"}, "by": {"type": "string", "x-pii": "redact"}})}))
-    (tmp_path / "_user.json").write_text(json.dumps({"$schema": DRAFT, "version": 1, **obj({"city": {"type": "string"}})}))
+        {"$schema": DRAFT, "version": 1,
+         **obj({"text": {"type": "string"}, "by": {"type": "string", "x-pii": "redact"}})}))
+    (tmp_path / "_user.json").write_text(json.dumps(
+        {"$schema": DRAFT, "version": 1, **obj({"city": {"type": "string"}})}))
     event = {"event_type": "note_taken", "properties": {"text": f"call {EMAIL}", "by": NAME},
              "context": {"ip": IP4}, "user": {"city": "York"}}
     with TestPipeline() as p:
@@ -359,7 +361,8 @@ def project_masker() -> PersonalDataMasker:
 def test_planted_addresses_never_survive_anywhere_in_the_free_form_parts(extra, filler, planted):
     masker = project_masker()
     event = {"event_type": "app_opened", "properties": {},
-             "context": {"locale": f"{filler} {planted} {filler}", "extra": {**extra, planted: [f" {planted} ", extra]}},
+             "context": {"locale": f"{filler} {planted} {filler}",
+                         "extra": {**extra, planted: [f" {planted} ", extra]}},
              "user": {"profile": {"city": f"{planted} "}}}
     text = json.dumps(masker.mask(event), ensure_ascii=False)
     assert planted not in text
