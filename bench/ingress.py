@@ -9,7 +9,10 @@ Three measurements in one run, against one moto server in its own process
    mode: events are serialized and thrown away), i.e. the ingress's own cost.
 3. ``kinesis_put_limit_events_per_s``: a tight single-thread PutRecords loop of
    500-record calls, same event size, against the same moto: the ceiling that
-   the emulated Kinesis itself sets.
+   the emulated Kinesis itself sets (measured first).
+
+Each measurement writes to a fresh stream on the same moto server, because
+moto's PutRecords slows down as a stream fills.
 
 Rate limiting is off (``EVENTLAKE_RATE_LIMIT_RPS=0``): this measures capacity.
 The load generator, gunicorn and moto share the machine's cores, so figures are
@@ -127,6 +130,14 @@ def _load(url: str, *, clients: int, batch: int, duration_s: float) -> dict:
     }
 
 
+def _fresh_stream(stack: LocalStack, name: str, shards: int) -> LocalStack:
+    """A new stream on the same moto server: moto slows down as a stream grows, so each
+    measurement starts from an empty one."""
+    config = StackConfig(stream=name, shards=shards, users_table=f"{name}-users", dead_letter_queue=f"{name}-dlq",
+                         bucket=f"{name}-lake")
+    return LocalStack(config, server=stack.server).start()
+
+
 def _kinesis_put_limit(stack: LocalStack, *, duration_s: float) -> dict:
     """Tight PutRecords loop, 500 records per call, one thread."""
     kinesis = stack.client("kinesis")
@@ -150,20 +161,22 @@ def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, worker
     own_stack = stack is None
     stack = stack or LocalStack(StackConfig(shards=shards)).start()
     try:
-        base_env = {**os.environ, **stack.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0"}
         results: dict = {"settings": {"duration_s": duration_s, "clients": clients, "batch": batch,
                                       "gunicorn_workers": workers, "gunicorn_threads": threads,
                                       "shards": shards, "cpus": os.cpu_count()}}
+        results["kinesis_put_limit_events_per_s"] = _kinesis_put_limit(
+            _fresh_stream(stack, "bench-put-loop", shards), duration_s=kinesis_loop_s)["events_per_s"]
         for mode in ("kinesis", "discard"):
+            target = _fresh_stream(stack, f"bench-{mode}", shards)
+            env = {**os.environ, **target.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0",
+                   "EVENTLAKE_PUBLISHER": mode}
             port = free_port()
-            proc = _start_gunicorn({**base_env, "EVENTLAKE_PUBLISHER": mode}, port, workers, threads)
+            proc = _start_gunicorn(env, port, workers, threads)
             try:
                 results[mode] = _load(f"http://127.0.0.1:{port}/v1/events", clients=clients, batch=batch,
                                       duration_s=duration_s)
             finally:
                 _stop(proc)
-        results["kinesis_put_limit_events_per_s"] = _kinesis_put_limit(stack, duration_s=kinesis_loop_s)[
-            "events_per_s"]
         return results
     finally:
         if own_stack:

@@ -8,6 +8,8 @@ import json
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingress import ConfigError, create_app
 from ingress.api import caller_ip
@@ -320,3 +322,49 @@ def test_openapi_document_is_served(client):
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]["/v1/events"]["post"]["responses"]) == {"202", "400", "401", "413", "415", "429",
                                                                      "503"}
+
+
+def test_token_bucket_refills_at_the_configured_rate():
+    from ingress.ratelimit import RateLimiter
+
+    now = [100.0]
+    limiter = RateLimiter(2.0, 3.0, clock=lambda: now[0])
+    assert [limiter.acquire("k") for _ in range(3)] == [None, None, None]
+    assert limiter.acquire("k") == 1  # empty: half a second to the next token, rounded up
+    now[0] += 0.5
+    assert limiter.acquire("k") is None
+    assert limiter.acquire("other") is None
+    now[0] += 100
+    assert [limiter.acquire("k") for _ in range(4)] == [None, None, None, 1]  # never above the burst
+    with pytest.raises(ValueError, match="burst"):
+        RateLimiter(1.0, 0.5)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+_event_like = st.fixed_dictionaries(
+    {"event_type": st.sampled_from(["page_view", "Bad", "", "a" * 65])},
+    optional={"user_id": st.text(max_size=130) | st.none() | st.integers(),
+              "anonymous_id": st.text(max_size=3), "event_id": st.text(max_size=70),
+              "properties": _json_values, "context": _json_values, "timestamp": _json_values,
+              "extra": _json_values})
+
+
+@given(body=st.one_of(
+    st.binary(max_size=300),
+    _json_values.map(lambda v: json.dumps(v).encode()),
+    _event_like.map(lambda v: json.dumps(v).encode()),
+    st.lists(_event_like, max_size=5).map(lambda v: json.dumps({"events": v}).encode()),
+), gzipped=st.booleans())
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_body_gives_a_server_error(client, body, gzipped):
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    resp = post(client, gzip.compress(body) if gzipped else body, headers=headers)
+    assert resp.status_code in (202, 400, 413)
+    answer = resp.get_json()
+    assert isinstance(answer, dict)
+    if resp.status_code in (202, 400):
+        assert isinstance(answer["accepted"], int) and isinstance(answer["rejected"], list)
