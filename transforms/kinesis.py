@@ -112,6 +112,7 @@ class ReaderConfig(NamedTuple):
     idle_watermark_seconds: float = 2.0
     poll_interval_seconds: float = MIN_POLL_INTERVAL_SECONDS
     records_per_call: int = 10_000
+    shard_refresh_seconds: float = 5.0
 
 
 def _error_code(exc: Exception) -> Optional[str]:
@@ -228,6 +229,8 @@ class KinesisReader(UnboundedReader):
         self._last_data_at = clock()
         self._finished = False
         self._rotation = 0
+        self._closed: set[str] = set()  # shards ListShards reported closed
+        self._closed_checked_at = clock()
         self.records = Metrics.counter(NAMESPACE, "kinesis.records_read")
         self.bytes = Metrics.counter(NAMESPACE, "kinesis.bytes_read")
         self.throttles = Metrics.counter(NAMESPACE, "kinesis.throttles")
@@ -298,6 +301,7 @@ class KinesisReader(UnboundedReader):
     # -- positions ---------------------------------------------------------
     def _initial_positions(self) -> list[ShardPosition]:
         shards = _retrying(lambda: list_shards(self._client, self.source.stream), on_retry=self._count_throttle)
+        self._closed = {s.shard_id for s in shards if s.closed}
         if self.source.shard_ids is not None:
             owned = set(self.source.shard_ids)
         else:  # never split: this reader owns the whole stream
@@ -321,12 +325,15 @@ class KinesisReader(UnboundedReader):
         limit = self.source.config.stop_when_idle_seconds
         if limit is None:
             return False
-        if self._clock() - self._last_data_at < limit:
+        now = self._clock()
+        if now - self._last_data_at < limit:
             return False
-        return all(
-            shard.done or (shard.caught_up and not shard.buffer) or not self._readable(shard)
-            for shard in self._shards.values()
-        )
+        active = [s for s in self._shards.values() if not s.done and self._readable(s)]
+        if not all(shard.caught_up and not shard.buffer for shard in active):
+            return False
+        # Idle may mean "closed by resharding": then the children have the data.
+        self._refresh_closed(now, min_age=1.0)
+        return not any(shard.shard_id in self._closed for shard in active)
 
     # -- emitting ----------------------------------------------------------
     def _emit_buffered(self) -> bool:
@@ -393,6 +400,7 @@ class KinesisReader(UnboundedReader):
         shard.failures = 0
         records = response.get("Records", [])
         behind = response.get("MillisBehindLatest")
+        known_closed = shard.shard_id in self._closed
         if behind is not None:
             self.lag.update(int(behind))
         for raw in records:
@@ -411,6 +419,16 @@ class KinesisReader(UnboundedReader):
             if not shard.caught_up:
                 shard.caught_up, shard.caught_up_since = True, now
         shard.iterator = response.get("NextShardIterator")
+        if not records and not behind:
+            if known_closed:
+                # Kinesis ends a drained closed shard with a null iterator (and
+                # ChildShards); moto never does. An empty caught-up page of a shard
+                # already known closed before this call is the end on both.
+                shard.iterator = None
+            else:
+                self._refresh_closed(now)
+        if response.get("ChildShards"):
+            shard.iterator = None
         if shard.iterator is None:
             shard.end_reached = True
             if not shard.buffer:
@@ -443,6 +461,18 @@ class KinesisReader(UnboundedReader):
     def _count_throttle(self, code: Optional[str]) -> None:
         if code in _THROTTLED:
             self.throttles.inc()
+
+    def _refresh_closed(self, now: float, min_age: Optional[float] = None) -> None:
+        """Learns which shards resharding closed (ListShards, at most every few seconds)."""
+        if now - self._closed_checked_at < (self.source.config.shard_refresh_seconds if min_age is None else min_age):
+            return
+        self._closed_checked_at = now
+        try:
+            shards = list_shards(self._client, self.source.stream)
+        except (ClientError, BotoConnectionError, ReadTimeoutError) as exc:
+            self._count_throttle(_error_code(exc))
+            return
+        self._closed = {s.shard_id for s in shards if s.closed}
 
     def _finish_shard(self, shard: _Shard) -> None:
         """Marks a drained closed shard done after adopting its children (ListShards)."""
