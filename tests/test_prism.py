@@ -1,0 +1,92 @@
+"""Prism really streams: a window closes and is written while records still arrive."""
+from __future__ import annotations
+
+import json
+import os
+
+import apache_beam as beam
+import pytest
+from apache_beam.runners.runner import PipelineState
+from apache_beam.transforms.window import FixedWindows
+
+from runners.local import wait_until
+from runners.profiles import FN_API, PRISM, apply_default_runner, executed_runner, local_streaming_options
+from runners.prism import prism_location
+from tests.test_kinesis_support import Producer, decode, kinesis_client
+from transforms.kinesis import ReadFromKinesis
+
+
+class WriteWindowCount(beam.DoFn):
+    """Writes one file per closed window: the number of records in it."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def process(self, keyed, window=beam.DoFn.WindowParam):
+        _, ones = keyed
+        path = os.path.join(self.out_dir, f"window-{int(window.start)}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump({"count": sum(ones)}, handle)
+        os.replace(path + ".tmp", path)
+
+
+def test_prism_binary_is_built_for_the_installed_beam():
+    assert os.access(prism_location(), os.X_OK)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_a_closed_window_is_written_while_the_producer_still_runs(stack, tmp_path):
+    client = kinesis_client()
+    producer = Producer(client, stack.config.stream, [f"user-{i}" for i in range(20)], batch=20, interval=0.1)
+    out_dir = str(tmp_path)
+
+    pipeline = beam.Pipeline(options=local_streaming_options())
+    _ = (
+        pipeline
+        | "ReadKinesis" >> ReadFromKinesis(stack.config.stream, stop_when_idle_seconds=4.0, idle_watermark_seconds=1.0)
+        | "Window" >> beam.WindowInto(FixedWindows(2))
+        | "KeyAll" >> beam.Map(lambda record: (decode(record.data)[0][:4], 1))
+        | "Group" >> beam.GroupByKey()
+        | "WriteCounts" >> beam.ParDo(WriteWindowCount(out_dir))
+    )
+    producer.start()
+    result = pipeline.run()
+    try:
+        wait_until(lambda: os.listdir(out_dir), timeout=120, what="a window file")
+        assert producer.is_alive() and not producer.stopped.is_set()
+        assert result.state == PipelineState.RUNNING
+    finally:
+        produced = producer.stop()
+    result.wait_until_finish()
+    assert executed_runner(result) == PRISM
+    total = 0
+    for name in os.listdir(out_dir):
+        if name.endswith(".json"):
+            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+                total += json.load(handle)["count"]
+    assert total == sum(produced.values())
+
+
+def test_default_runner_is_prism_and_explicit_runners_are_kept():
+    from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
+
+    options = apply_default_runner(PipelineOptions([]), streaming=True)
+    assert options.view_as(StandardOptions).runner == PRISM
+    assert options.view_as(PrismRunnerOptions).prism_location == prism_location()
+    flink = apply_default_runner(PipelineOptions(["--runner=FlinkRunner"]), streaming=True)
+    assert flink.view_as(StandardOptions).runner == "FlinkRunner"
+
+
+def test_executed_runner_tells_prism_from_the_fn_api_runner():
+    def run(options):
+        pipeline = beam.Pipeline(options=options)
+        _ = pipeline | beam.Create([1, 2, 3]) | beam.Map(lambda x: x + 1)
+        result = pipeline.run()
+        result.wait_until_finish()
+        return executed_runner(result)
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    assert run(local_streaming_options(streaming=False)) == PRISM
+    assert run(PipelineOptions(["--runner=FnApiRunner"])) == FN_API
