@@ -58,7 +58,8 @@ class ProcessEvents(beam.PTransform):
     doubles or other options); by default they are built from ``users_table``
     (``EnrichWithUserAttributes.for_table`` with ``endpoint_url``,
     ``region_name`` and ``enrich_options``) and ``schema_dir``
-    (``MaskPersonalData``).
+    (``MaskPersonalData``, keys from ``pseudonymization_secret`` in Secrets
+    Manager, else from the workers' environment).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class ProcessEvents(beam.PTransform):
         enrich_options: Optional[Mapping] = None,
         enrich: Optional[beam.PTransform] = None,
         mask: Optional[beam.PTransform] = None,
+        pseudonymization_secret: Optional[str] = None,
         limits: Limits = DEFAULT_LIMITS,
         pipeline_version: str = PIPELINE_VERSION,
     ):
@@ -91,6 +93,7 @@ class ProcessEvents(beam.PTransform):
         self._enrich_options = dict(enrich_options or {})
         self._enrich = enrich
         self._mask = mask
+        self._pseudonymization_secret = pseudonymization_secret
         self._limits = limits
         self._pipeline_version = pipeline_version
 
@@ -111,7 +114,7 @@ class ProcessEvents(beam.PTransform):
             return self._mask
         from transforms.mask import MaskPersonalData
 
-        return MaskPersonalData(self._schema_dir)
+        return MaskPersonalData(self._schema_dir, keys_secret_id=self._pseudonymization_secret)
 
     def expand(self, records):
         counted = records | "CountRecords" >> beam.ParDo(_Count("core.received"))
