@@ -37,7 +37,7 @@ from pipelines.options import EventsOptions
 from pipelines.preflight import PreflightError, check_events_pipeline
 from transforms.backfill import ReadBackfillFiles
 from transforms.core import ProcessEvents
-from transforms.dead_letter_sinks import WriteDeadLetters
+from transforms.dead_letter_sinks import WriteDeadLetters, default_overflow
 from transforms.kinesis import ReadFromKinesis
 from transforms.lake import WriteToLake
 
@@ -77,7 +77,7 @@ def build_pipeline(p: beam.Pipeline, opts: EventsOptions) -> EventsOutput:
     dead_letters = (core_dead_letters, write_dead_letters) | "AllDeadLetters" >> beam.Flatten()
     _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
         opts.dead_letter,
-        overflow=opts.dead_letter_overflow,
+        overflow=opts.dead_letter_overflow or default_overflow(opts.output),
         window_seconds=opts.window_seconds,
     )
     return EventsOutput(rows, written_files, dead_letters)

@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from transforms.dead_letter_sinks import is_queue_uri, resolve_queue
+
 
 class PreflightError(RuntimeError):
     """A resource the pipeline needs is missing or unusable."""
@@ -19,13 +21,6 @@ class PreflightError(RuntimeError):
 
 def _aws(service: str):
     return boto3.client(service)
-
-
-def is_sqs_url(uri: str) -> bool:
-    parsed = urlparse(uri)
-    return parsed.scheme in ("http", "https") and (
-        "sqs" in parsed.netloc or parsed.path.count("/") == 2
-    )
 
 
 def check_stream(name: str) -> None:
@@ -46,7 +41,8 @@ def check_table(name: str) -> None:
 
 def check_queue(url: str) -> None:
     try:
-        _aws("sqs").get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+        sqs = _aws("sqs")
+        sqs.get_queue_attributes(QueueUrl=resolve_queue(sqs, url), AttributeNames=["QueueArn"])
     except (ClientError, BotoCoreError) as exc:
         raise PreflightError(f"The dead-letter queue {url!r} cannot be used ({type(exc).__name__}).") from None
 
@@ -90,7 +86,7 @@ def check_events_pipeline(opts) -> None:
     if opts.users_table:
         check_table(opts.users_table)
     check_writable(opts.output, "lake output")
-    if is_sqs_url(opts.dead_letter):
+    if is_queue_uri(opts.dead_letter):
         check_queue(opts.dead_letter)
     else:
         check_writable(opts.dead_letter, "dead-letter output")
