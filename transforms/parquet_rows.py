@@ -25,28 +25,50 @@ def _join(head: str, tail: str) -> str:
     return f"{head}.{tail}" if tail else head
 
 
-def _undeclared(value: Any, arrow_type: pa.DataType) -> Optional[str]:
-    """Where ``value`` holds a key ``arrow_type`` does not declare: the dotted path of the
-    struct holding it (declared names only: the key itself may be data), "" for this level."""
-    if value is None:
-        return None
+class _List(NamedTuple):
+    item: Any  # the shape of the items
+
+
+def shape_of(arrow_type: pa.DataType) -> Any:
+    """The key structure of a type, precomputed once: dict for a struct, _List for a list,
+    None for anything without declared keys (scalars, maps)."""
     if pa.types.is_struct(arrow_type):
+        return {arrow_type.field(i).name: shape_of(arrow_type.field(i).type) for i in range(arrow_type.num_fields)}
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        item = shape_of(arrow_type.value_type)
+        return None if item is None else _List(item)
+    return None
+
+
+def _undeclared(value: Any, shape: Any) -> Optional[str]:
+    """Where ``value`` holds a key ``shape`` does not declare: the dotted path of the
+    struct holding it (declared names only: the key itself may be data), "" for this level."""
+    if value is None or shape is None:
+        return None
+    if isinstance(shape, dict):
         if not isinstance(value, dict):
             return None  # a type problem; conversion reports it
-        names = {arrow_type.field(i).name: arrow_type.field(i).type for i in range(arrow_type.num_fields)}
         for key, item in value.items():
-            if key not in names:
+            if key not in shape:
                 return ""
-            inner = _undeclared(item, names[key])
+            inner = _undeclared(item, shape[key])
             if inner is not None:
                 return _join(key, inner)
         return None
-    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-        if isinstance(value, (list, tuple)):
-            for item in value:
-                inner = _undeclared(item, arrow_type.value_type)
-                if inner is not None:
-                    return _join("[]", inner)
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            inner = _undeclared(item, shape.item)
+            if inner is not None:
+                return _join("[]", inner)
+    return None
+
+
+def _first_undeclared(row: dict, shapes: list) -> Optional[str]:
+    for name, shape in shapes:
+        if shape is not None:
+            path = _undeclared(row.get(name), shape)
+            if path is not None:
+                return _join(name, path)
     return None
 
 
@@ -54,14 +76,13 @@ def check_row(row: Any, schema: pa.Schema) -> Optional[Rejected]:
     """Why ``row`` cannot be stored under ``schema``, or None when it can."""
     if not isinstance(row, dict):
         return Rejected({"value": row}, "", "not_a_row")
-    for field in schema:
-        path = _undeclared(row.get(field.name), field.type)
-        if path is not None:
-            return Rejected(row, _join(field.name, path), "undeclared_field")
+    path = _first_undeclared(row, [(field.name, shape_of(field.type)) for field in schema])
+    if path is not None:
+        return Rejected(row, path, "undeclared_field")
     for field in schema:
         try:
             pa.array([row.get(field.name)], type=field.type)
-        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        except _CONVERSION_ERRORS:
             return Rejected(row, field.name, "type_mismatch")
     return None
 
@@ -70,30 +91,33 @@ def rows_to_table(rows: Sequence[dict], schema: pa.Schema) -> tuple[pa.Table, li
     """The rows that fit as one table, and the rows that do not (with why)."""
     rejected = []
     good = []
+    shapes = [(field.name, shape_of(field.type)) for field in schema]
     for row in rows:
         if not isinstance(row, dict):
             rejected.append(Rejected({"value": row}, "", "not_a_row"))
             continue
-        path = next((_join(field.name, p) for field in schema
-                     if (p := _undeclared(row.get(field.name), field.type)) is not None), None)
+        path = _first_undeclared(row, shapes)
         if path is not None:
             rejected.append(Rejected(row, path, "undeclared_field"))
         else:
             good.append(row)
+    tables = _convert(good, schema, rejected)
+    if len(tables) == 1:
+        return tables[0], rejected
+    return (pa.concat_tables(tables) if tables else schema.empty_table()), rejected
+
+
+_CONVERSION_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
+def _convert(rows: Sequence[dict], schema: pa.Schema, rejected: list) -> list[pa.Table]:
+    """Tables of the rows that convert; bisects a failing batch so one bad row costs O(log n) tries."""
     try:
-        return pa.Table.from_pylist(good, schema=schema), rejected
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return [pa.Table.from_pylist(rows, schema=schema)]
+    except _CONVERSION_ERRORS:
         pass
-    # Some row does not convert: find which, one by one (rare, so the slow path is fine).
-    tables = []
-    for row in good:
-        problem = check_row(row, schema)
-        if problem is None:
-            try:
-                tables.append(pa.Table.from_pylist([row], schema=schema))
-                continue
-            except (pa.ArrowException, TypeError, ValueError, OverflowError):
-                problem = Rejected(row, "", "type_mismatch")
-        rejected.append(problem)
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    return table, rejected
+    if len(rows) == 1:
+        rejected.append(check_row(rows[0], schema) or Rejected(rows[0], "", "type_mismatch"))
+        return []
+    middle = len(rows) // 2
+    return _convert(rows[:middle], schema, rejected) + _convert(rows[middle:], schema, rejected)
