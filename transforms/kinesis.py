@@ -380,9 +380,10 @@ class KinesisReader(UnboundedReader):
         try:
             if shard.iterator is None:
                 shard.iterator = self._acquire_iterator(shard)
-            # Paced from the moment of the call itself, whatever came before it.
             shard.next_poll_at = self._clock() + interval
             response = self._client.get_records(ShardIterator=shard.iterator, Limit=self.source.config.records_per_call)
+            # Paced from the end of the call: call starts are >= interval apart, whatever the latency.
+            shard.next_poll_at = self._clock() + interval
         except (ClientError, BotoConnectionError, ReadTimeoutError) as exc:
             code = _error_code(exc)
             if code == "ExpiredIteratorException":
@@ -394,7 +395,7 @@ class KinesisReader(UnboundedReader):
                 self._count_throttle(code)
                 shard.failures += 1
                 backoff = min(MAX_BACKOFF_SECONDS, MIN_POLL_INTERVAL_SECONDS * 2**shard.failures)
-                shard.next_poll_at = now + backoff * (0.5 + random.random() / 2)
+                shard.next_poll_at = self._clock() + backoff * (0.5 + random.random() / 2)
                 return
             raise
         shard.failures = 0
