@@ -23,7 +23,10 @@ One restriction per shard (per lineage once a stream has been resharded):
 - event time = the envelope's ``received_at`` (a regex, not a JSON parse),
   else ``ApproximateArrivalTimestamp``; the watermark is the minimum over the
   reader's shards of the last event time emitted, and a shard that is caught up
-  and idle lets it advance to ``now - idle_watermark_seconds``;
+  and idle lets it advance to ``now - idle_watermark_seconds``; a record whose
+  event time is behind the watermark already reported (a straggler) is emitted
+  at the watermark instead, so that no downstream GroupByKey ever sees it late
+  and drops it (counted as ``kinesis.timestamps_clamped_to_watermark``);
 - a closed and drained shard is done; its children are read after it;
 - ``stop_when_idle_seconds`` ends a reader once all its shards are caught up
   and have delivered nothing for that long (demos, tests).
@@ -237,6 +240,7 @@ class KinesisReader(UnboundedReader):
         self.renewals = Metrics.counter(NAMESPACE, "kinesis.iterator_renewals")
         self.lag = Metrics.distribution(NAMESPACE, "kinesis.millis_behind_latest")
         self.shards_done = Metrics.counter(NAMESPACE, "kinesis.shards_completed")
+        self.clamped = Metrics.counter(NAMESPACE, "kinesis.timestamps_clamped_to_watermark")
 
     # -- UnboundedReader ---------------------------------------------------
     def start(self) -> bool:
@@ -343,6 +347,14 @@ class KinesisReader(UnboundedReader):
             if not shard.buffer:
                 continue
             record, event_ms = shard.buffer.popleft()
+            # Never emit behind our own watermark: a straggler (received_at stamped
+            # before records already emitted, or before an idle advance) would be
+            # late at the lake's GroupByKey and silently dropped. Clamped, it joins
+            # the earliest open window; its row keeps its received_at (and partition).
+            floor_ms = self._watermark.micros // 1000
+            if event_ms < floor_ms:
+                event_ms = floor_ms
+                self.clamped.inc()
             self._rotation = (self._rotation + offset) % len(shards)
             self._current = (record, event_ms)
             shard.position = ShardPosition(shard.shard_id, AFTER, record.sequence_number, shard.parents)
