@@ -221,3 +221,19 @@ def test_json_lines_sink_on_s3(stack):
              for line in s3.get_object(Bucket=stack.config.bucket, Key=k)["Body"].read().decode().splitlines()]
     assert sorted(lines, key=lambda r: int(r["source"]["sequence_number"])) == [r for r, _ in records]
     assert totals["dead_letters.written"] == 7
+
+
+def test_read_queue_records_resolves_pointers(stack):
+    overflow = f"s3://{stack.config.bucket}/dlq-overflow"
+    writer = SqsDeadLetterWriter(stack.client("sqs"), stack.queue_url, overflow=overflow,
+                                 overflow_store=ObjectStore(client=stack.client("s3")))
+    records = [record(i) for i in range(12)] + [record(99, payload=b"z" * 300_000)]
+    writer.send(records)
+    from transforms.dead_letter_sinks import read_queue_records
+
+    drained = list(read_queue_records(stack.queue_url, sqs=stack.client("sqs"), s3=stack.client("s3"),
+                                      delete=True))
+    key = lambda r: int(r["source"]["sequence_number"])  # noqa: E731
+    assert sorted(drained, key=key) == sorted(records, key=key)
+    assert writer.overflowed == 1
+    assert stack.client("sqs").receive_message(QueueUrl=stack.queue_url).get("Messages", []) == []

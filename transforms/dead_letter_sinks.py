@@ -26,7 +26,8 @@ Pointer message (the body of the SQS message for an oversized record)::
      "failure": {...the record's failure...}, "source": {...the record's source...}}
 
 The stored object is the record exactly as ``transforms.dead_letter.to_json``
-serializes it. Re-drive reads ``location``, checks ``sha256`` and handles the
+serializes it. ``record_from_message`` / ``read_queue_records`` resolve pointers
+(checking size and sha256). Re-drive reads ``location``, checks ``sha256`` and handles the
 record as if it had come in the message; it deletes the object after the
 message. ``failure`` and ``source`` hold no personal data (SPEC), so the
 pointer lets an operator filter by reason without fetching the object.
@@ -276,6 +277,49 @@ def sqs_client_for(uri: str):
     if "region_name" not in kwargs and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
         kwargs["region_name"] = "us-east-1"
     return boto3.session.Session().client("sqs", **kwargs)
+
+
+class CorruptPointer(ValueError):
+    """A pointer message whose stored object is missing its promised bytes (size or sha256 differ)."""
+
+
+def record_from_message(body: str, store: ObjectStore) -> dict:
+    """The dead-letter record of a queue message body: the record itself, or the one a pointer names."""
+    message = json.loads(body)
+    if not isinstance(message, dict) or message.get("schema") != POINTER_SCHEMA:
+        return message
+    data = store.get_bytes(message["location"])
+    if len(data) != message.get("bytes") or hashlib.sha256(data).hexdigest() != message.get("sha256"):
+        raise CorruptPointer("a dead-letter pointer's stored object does not match its size and sha256")
+    return json.loads(data)
+
+
+def read_queue_records(queue_url: str, *, sqs=None, s3=None, delete: bool = False,
+                       visibility_timeout: int = 300, empty_polls: int = 2, max_records: int = 1_000_000):
+    """Yields the dead-letter records in a queue (pointers resolved), for demos, checks and re-drive.
+
+    Messages stay invisible for ``visibility_timeout`` seconds while the drain
+    runs, so each is seen once; ``delete=True`` deletes each after it was
+    yielded (and its overflow object is kept: re-drive removes it after the
+    payload is safely back). Stops after ``empty_polls`` empty one-second long
+    polls or ``max_records`` records.
+    """
+    sqs = sqs or sqs_client_for(queue_url)
+    store = ObjectStore(client=s3)
+    seen, empty = 0, 0
+    while empty < empty_polls and seen < max_records:
+        messages = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+            VisibilityTimeout=visibility_timeout).get("Messages", [])
+        if not messages:
+            empty += 1
+            continue
+        empty = 0
+        for message in messages:
+            yield record_from_message(message["Body"], store)
+            seen += 1
+            if delete:
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
 
 
 class _SendToQueueFn(beam.DoFn):
