@@ -247,6 +247,8 @@ class KinesisReader(UnboundedReader):
         self._client = self.source.make_client()
         if self._mark is not None:
             positions = self._mark.positions
+            if self._mark.watermark_ms is not None:  # what the runner already holds: never emit behind it
+                self._watermark = Timestamp(micros=self._mark.watermark_ms * 1000)
         else:
             positions = self._initial_positions()
         for position in positions:
@@ -292,7 +294,8 @@ class KinesisReader(UnboundedReader):
         return self._watermark
 
     def get_checkpoint_mark(self) -> KinesisCheckpointMark:
-        return KinesisCheckpointMark(shard.position for shard in self._shards.values())
+        watermark_ms = self._watermark.micros // 1000 if MIN_TIMESTAMP < self._watermark < MAX_TIMESTAMP else None
+        return KinesisCheckpointMark((shard.position for shard in self._shards.values()), watermark_ms)
 
     def close(self) -> None:
         if self._client is not None and hasattr(self._client, "close"):

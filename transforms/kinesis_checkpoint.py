@@ -33,10 +33,16 @@ class ShardPosition(NamedTuple):
 
 
 class KinesisCheckpointMark(CheckpointMark):
-    """Positions of the shards one reader owns, sorted by shard id."""
+    """Positions of the shards one reader owns, sorted by shard id, and the watermark it reported.
 
-    def __init__(self, positions: Iterable[ShardPosition]):
+    ``watermark_ms`` lets a reader resumed from the mark (the runner keeps live
+    readers only per DoFn instance) keep clamping stragglers to the watermark the
+    runner already holds; without it a resumed reader emits them late.
+    """
+
+    def __init__(self, positions: Iterable[ShardPosition], watermark_ms: Optional[int] = None):
         self.positions = tuple(sorted(positions))
+        self.watermark_ms = watermark_ms
         for position in self.positions:
             if position.kind not in _KINDS:
                 raise ValueError(f"unknown shard position kind {position.kind!r}")
@@ -52,13 +58,14 @@ class KinesisCheckpointMark(CheckpointMark):
         pass
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, KinesisCheckpointMark) and other.positions == self.positions
+        return (isinstance(other, KinesisCheckpointMark) and other.positions == self.positions
+                and other.watermark_ms == self.watermark_ms)
 
     def __hash__(self) -> int:
-        return hash(self.positions)
+        return hash((self.positions, self.watermark_ms))
 
     def __repr__(self) -> str:
-        return f"KinesisCheckpointMark({list(self.positions)!r})"
+        return f"KinesisCheckpointMark({list(self.positions)!r}, watermark_ms={self.watermark_ms!r})"
 
 
 class KinesisCheckpointCoder(Coder):
@@ -69,6 +76,8 @@ class KinesisCheckpointCoder(Coder):
             "v": _FORMAT_VERSION,
             "shards": [[p.shard_id, p.kind, p.value, list(p.parents)] for p in value.positions],
         }
+        if value.watermark_ms is not None:
+            doc["wm"] = value.watermark_ms
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     def decode(self, encoded: bytes) -> KinesisCheckpointMark:
@@ -76,7 +85,8 @@ class KinesisCheckpointCoder(Coder):
         if doc.get("v") != _FORMAT_VERSION:
             raise ValueError(f"unsupported Kinesis checkpoint format version {doc.get('v')!r}")
         return KinesisCheckpointMark(
-            ShardPosition(shard_id, kind, value, tuple(parents)) for shard_id, kind, value, parents in doc["shards"]
+            (ShardPosition(shard_id, kind, value, tuple(parents)) for shard_id, kind, value, parents in doc["shards"]),
+            doc.get("wm"),
         )
 
     def is_deterministic(self) -> bool:
