@@ -14,6 +14,7 @@ from apache_beam.utils import counters
 
 from tests.test_kinesis_support import envelope, kinesis_client, put_all
 from transforms.envelope import utc_now_ms
+from transforms.kinesis_checkpoint import KinesisCheckpointCoder
 from transforms.kinesis import NAMESPACE, KinesisReader, KinesisSource, ReaderConfig, StartPosition
 
 
@@ -121,3 +122,29 @@ def test_a_reader_that_never_reported_a_watermark_clamps_nothing(stack, metrics)
     assert [ts for _, ts in read] == [1_700_000_000_000 + n for n in range(3)]  # history keeps event time
     assert metrics("kinesis.timestamps_clamped_to_watermark") == 0
     reader.close()
+
+
+@pytest.mark.parametrize("stack", [{"shards": 1}], indirect=True)
+def test_a_reader_resumed_from_a_checkpoint_still_clamps_to_the_watermark_already_reported(stack, metrics):
+    """The runner keeps readers between bundles only per DoFn instance; on a miss it resumes from the mark.
+
+    The resumed reader must not emit behind the watermark its predecessor reported:
+    the runner's watermark estimator already holds it, and the lake would drop the record.
+    """
+    clock = FakeClock()
+    first = _idle_reader(stack, clock)
+    reported = first.get_watermark()
+    mark = first.get_checkpoint_mark()
+    first.close()
+    mark = KinesisCheckpointCoder().decode(KinesisCheckpointCoder().encode(mark))  # as the runner stores it
+
+    put_all(kinesis_client(), stack.config.stream,
+            [{"Data": envelope("late", 0, received_at_ms=reported.micros // 1000 - 60_000), "PartitionKey": "k"}])
+    resumed = KinesisReader(first.source, mark, clock=clock)
+    if resumed.start():
+        read = [(resumed.get_current().data, resumed.get_current_timestamp().micros // 1000)]
+    else:
+        read = _read(resumed, clock, 1)
+    assert read[0][1] == reported.micros // 1000
+    assert metrics("kinesis.timestamps_clamped_to_watermark") == 1
+    resumed.close()
