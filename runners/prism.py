@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,47 @@ def build(version: Optional[str] = None, *, go: str = "go", timeout: float = BUI
     return prism_location(version)
 
 
+def register_with_beam(version: Optional[str] = None) -> str:
+    """Puts our Prism where Beam looks for its downloaded release, and returns that path.
+
+    A plain ``--runner=DirectRunner`` (and ``PrismRunner`` without
+    ``--prism_location``) otherwise tries to download Prism from GitHub, which
+    is not reachable here (and would be traffic off the machine in tests), then
+    silently falls back to a non-streaming runner. Beam keeps the release zip
+    and its extracted binary in ``PrismJobServer.BIN_CACHE``; with both present
+    it uses them without any network access. Idempotent.
+    """
+    from apache_beam.runners.portability.prism_runner import PrismJobServer
+
+    version = version or beam_version()
+    binary = prism_location(version)
+    name = f"apache_beam-v{version}-prism-{platform.system().lower()}-{_go_arch()}"
+    bin_cache = PrismJobServer.BIN_CACHE
+    os.makedirs(bin_cache, exist_ok=True)
+    extracted = os.path.join(bin_cache, name)
+    archive = extracted + ".zip"
+    if not (os.path.isfile(archive) and os.path.isfile(extracted)):
+        for path, write in ((extracted, lambda tmp: shutil.copyfile(binary, tmp)),
+                            (archive, lambda tmp: _zip_one(binary, name, tmp))):
+            tmp = path + ".tmp"
+            write(tmp)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+    return extracted
+
+
+def _zip_one(binary: str, member: str, target: str) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.write(binary, member)
+
+
+def _go_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runners.prism", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("build", "location"))
@@ -92,7 +134,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        path = build(args.version) if args.command == "build" else prism_location(args.version)
+        if args.command == "build":
+            path = build(args.version)
+            register_with_beam(args.version)
+        else:
+            path = prism_location(args.version)
     except PrismUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

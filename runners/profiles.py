@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
+from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, PrismRunnerOptions, StandardOptions
 
 from runners.prism import prism_location
 
@@ -24,6 +24,13 @@ FN_API = "FnApiRunner"
 BUNDLE_BASED_DIRECT = "BundleBasedDirectRunner"
 
 _PRISM_JOB_ID = re.compile(r"^job-\d+")
+
+# Beam shares one Prism job server per process, created with the options of the
+# first pipeline that asked for one. If that pipeline had no --prism_location
+# (e.g. a plain DirectRunner run, which tries to download Prism from GitHub and
+# falls back), every later Prism run in the process reuses the broken server.
+# Each of our runs therefore starts its own Prism server.
+OWN_PRISM_SERVER = "disable_prism_server_singleton"
 
 
 def local_streaming_options(
@@ -41,6 +48,7 @@ def local_streaming_options(
         f"--prism_location={prism_location()}",
         f"--prism_log_level={prism_log_level}",
         "--environment_type=LOOPBACK",
+        f"--experiments={OWN_PRISM_SERVER}",
     ]
     if streaming:
         args.append("--streaming")
@@ -57,8 +65,12 @@ def apply_default_runner(options: PipelineOptions, *, streaming: bool) -> Pipeli
     if standard.runner is None:
         standard.runner = PRISM
     runner = standard.runner.rsplit(".", 1)[-1]
-    if runner in (PRISM, "DirectRunner", "SwitchingDirectRunner") and not prism.prism_location:
-        prism.prism_location = prism_location()
+    if runner in (PRISM, "DirectRunner", "SwitchingDirectRunner"):
+        if not prism.prism_location:
+            prism.prism_location = prism_location()
+        debug = options.view_as(DebugOptions)
+        if not debug.lookup_experiment(OWN_PRISM_SERVER):
+            debug.add_experiment(OWN_PRISM_SERVER)
     if streaming:
         standard.streaming = True
     LOG.info("configured runner: %s (streaming=%s)", runner, bool(standard.streaming))
