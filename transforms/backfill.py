@@ -32,7 +32,8 @@ class _ReadLines(beam.DoFn):
         compression = CompressionTypes.GZIP if path.endswith(".gz") else CompressionTypes.UNCOMPRESSED
         fallback_ms = utc_now_ms()
         with readable.open(compression_type=compression) as handle:
-            for line_no, line in enumerate(handle, start=1):
+            # Beam's CompressedFile is not iterable: read line by line (bounded memory either way).
+            for line_no, line in enumerate(iter(handle.readline, b""), start=1):
                 data = line.rstrip(b"\r\n")
                 if not data.strip():
                     continue
