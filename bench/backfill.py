@@ -1,0 +1,168 @@
+"""Backfill throughput: ``pipelines.events --mode=backfill`` over generated JSON Lines.
+
+The data is the load generator's seeded mix (``runners.loadgen``: several event
+types, planted personal data, ~5% invalid events), stamped as the ingress stamps
+it and spread over one hour of ``received_at``, written to several gzip files;
+the users are seeded in the moto DynamoDB table. The pipeline runs as a child
+process (as an operator would start it) so that its wall time and the peak
+memory of its whole process tree (Prism, SDK workers) are measured, not this
+process's. Usage::
+
+    python -m bench.backfill [--events 100000] [--files 8] [--runner fnapi2]
+
+Runners (``RUNNERS``): ``fnapi2`` (FnApiRunner, two worker processes: uses both
+cores), ``fnapi1`` (FnApiRunner, one process), ``prism`` (Prism, one LOOPBACK
+SDK worker).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from bench.machine import PeakMemory
+from runners.loadgen import EventMix, write_backfill
+from runners.local import LocalStack, StackConfig
+from transforms.envelope import format_rfc3339_ms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA_DIR = os.path.join(ROOT, "schemas")
+START_MS = 1_795_651_200_000  # 2026-11-26T00:00:00Z: one fixed hour, so runs are comparable
+SPAN_MS = 3_600_000
+BENCH_KEYS = "bench1=bench-secret-not-for-production"
+
+FNAPI = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+RUNNERS = {
+    "fnapi2": [f"--runner={FNAPI}", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    "fnapi1": [f"--runner={FNAPI}", "--direct_num_workers=1"],
+    "prism": ["--runner=PrismRunner"],
+}
+
+
+def prepare(workdir: str, *, events: int, files: int, users: int = 2000, seed: int = 7) -> dict:
+    """Writes ``files`` gzip JSON Lines files holding ``events`` envelopes; returns where and the users.
+
+    Events whose ``received_at`` precede others land in earlier files, as an
+    archive of the stream would be laid out.
+    """
+    if events < 1 or files < 1 or users < 1:
+        raise ValueError(f"events, files and users must be >= 1, got {events}, {files}, {users}")
+    mix = EventMix(SCHEMA_DIR, users=users, seed=seed)
+    user_items = list(mix.users())
+    os.makedirs(workdir, exist_ok=True)
+    per_file = -(-events // files)
+
+    def envelopes(first: int, last: int):
+        for n in range(first, last):
+            _, envelope = mix.next()
+            received_at = START_MS + n * SPAN_MS // events
+            envelope["received_at"] = format_rfc3339_ms(received_at)
+            envelope["timestamp"] = format_rfc3339_ms(received_at - mix.rng.randint(0, 5000))
+            yield envelope
+
+    paths = []
+    for index in range(files):
+        first, last = index * per_file, min(events, (index + 1) * per_file)
+        if first >= last:
+            break
+        path = os.path.join(workdir, f"events-{index:03d}.jsonl.gz")
+        write_backfill(path, envelopes(first, last))
+        paths.append(path)
+    return {"pattern": os.path.join(workdir, "events-*.jsonl.gz"), "paths": paths, "events": events,
+            "users": user_items}
+
+
+def pipeline_env(stack: LocalStack) -> dict:
+    return {**os.environ, **stack.env(), "EVENTLAKE_PSEUDONYMIZATION_KEYS": BENCH_KEYS,
+            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_pipeline(stack: LocalStack, pattern: str, lake: str, *, runner: str = "fnapi2",
+                 timeout_s: float = 3600.0, log_path: Optional[str] = None) -> dict:
+    """Runs the backfill as a child process; wall time, peak memory of its tree, its conservation line."""
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {sorted(RUNNERS)}, got {runner!r}")
+    argv = [sys.executable, "-m", "pipelines.events", "--mode=backfill", f"--input={pattern}",
+            f"--users_table={stack.config.users_table}", f"--output={lake}",
+            f"--dead_letter={os.path.join(lake, '_dead_letters')}", f"--schema_dir={SCHEMA_DIR}",
+            "--window_seconds=60", *RUNNERS[runner]]
+    log_path = log_path or os.path.join(lake, "_pipeline.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "wb") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, env=pipeline_env(stack), cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                                start_new_session=True)
+        with PeakMemory(proc.pid) as peak:
+            out, _ = proc.communicate(timeout=timeout_s)
+        seconds = time.monotonic() - started
+    summary = {}
+    for line in out.decode("utf-8", "replace").splitlines():
+        if line.startswith('{"eventlake_run"'):
+            summary = json.loads(line)["eventlake_run"]
+    if proc.returncode != 0 or not summary:
+        raise RuntimeError(f"backfill pipeline exited with {proc.returncode}; see {log_path}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": peak.mb, **summary}
+
+
+def run(*, events: int = 100_000, files: int = 8, runner: str = "fnapi2", users: int = 2000, seed: int = 7,
+        workdir: Optional[str] = None, stack: Optional[LocalStack] = None, with_baseline: bool = True) -> dict:
+    """Generates the data, seeds the users, runs the backfill (and the plain-Python baseline on the same data)."""
+    own_stack = stack is None
+    stack = stack or LocalStack(StackConfig(users_table="bench-backfill-users", stream="bench-backfill",
+                                            bucket="bench-backfill-lake", dead_letter_queue="bench-backfill-dlq"))
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="eventlake-bench-backfill-")
+        workdir = tmp.name
+    try:
+        if own_stack:
+            stack.start()
+        generated_at = time.monotonic()
+        data = prepare(os.path.join(workdir, "input"), events=events, files=files, users=users, seed=seed)
+        stack.seed_users(data["users"])
+        prepare_s = time.monotonic() - generated_at
+        pipeline = run_pipeline(stack, data["pattern"], os.path.join(workdir, "lake"), runner=runner)
+        result = {
+            "events": events, "files": len(data["paths"]), "runner": runner, "prepare_s": round(prepare_s, 1),
+            "backfill_seconds": pipeline["seconds"],
+            "backfill_events_per_s": round(events / pipeline["seconds"], 1),
+            "backfill_peak_rss_mb": pipeline["peak_rss_mb"],
+            "backfill_run": pipeline,
+        }
+        if with_baseline:
+            from bench import baseline
+
+            base = baseline.run_on(data["pattern"], os.path.join(workdir, "baseline_lake"), stack=stack)
+            result.update({
+                "baseline_events_per_s": base["events_per_s"],
+                "baseline_seconds": base["seconds"],
+                "baseline_run": base,
+                "backfill_to_baseline_ratio": round(result["backfill_events_per_s"] / base["events_per_s"], 3),
+            })
+        return result
+    finally:
+        if own_stack:
+            stack.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.backfill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--runner", choices=sorted(RUNNERS), default="fnapi2")
+    parser.add_argument("--no_baseline", action="store_true")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(events=args.events, files=args.files, runner=args.runner,
+                         with_baseline=not args.no_baseline), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""What a benchmark ran on, and how much memory a process tree used at its peak.
+
+Memory is read from ``/proc`` (Linux): the resident set of a process and of all
+its descendants (a pipeline's Prism binary and SDK workers are children of it).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+from typing import Optional
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: fields follow the last ')'
+        fields = stat[stat.rfind(b")") + 2:].split()
+        tree.setdefault(int(fields[1]), []).append(int(entry))
+    return tree
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and every descendant, now."""
+    tree = _children()
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += _rss_bytes(pid)
+        todo.extend(tree.get(pid, ()))
+    return total
+
+
+class PeakMemory:
+    """Samples the resident memory of process trees in a thread; keeps the peak of their sum.
+
+    ``with PeakMemory(interval_s=0.5) as peak: peak.watch(pid) ...`` then ``peak.mb``.
+    """
+
+    def __init__(self, *roots: int, interval_s: float = 0.5):
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s!r}")
+        self.roots = list(roots)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, pid: int) -> None:
+        self.roots.append(pid)
+
+    def sample(self) -> int:
+        now = sum(tree_rss_bytes(pid) for pid in list(self.roots))
+        self.peak_bytes = max(self.peak_bytes, now)
+        return now
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def _memory_gib() -> float:
+    with open("/proc/meminfo", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    return float("nan")
+
+
+def _load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine() -> dict:
+    """Cores, memory, Python, Beam, the local runner, and the load when measured."""
+    import apache_beam
+    import pyarrow
+
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "beam": apache_beam.__version__,
+        "pyarrow": pyarrow.__version__,
+        "runner": "PrismRunner (local, built from the Beam Go SDK module)",
+        "platform": platform.platform(),
+        "load_average_1_5_15": _load_average(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run() -> dict:
+    return machine()
