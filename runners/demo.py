@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import json
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -24,6 +25,7 @@ import requests
 from runners.loadgen import EventMix
 from runners.local import LocalStack, StackConfig, free_port, wait_until
 from runners.processes import Child
+from transforms.envelope import utc_now_ms
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRITE_KEY = "demo-write-key"
@@ -60,7 +62,8 @@ def post_load(url: str, mix: EventMix, *, events: int, batch: int, clients: int,
         return body, resp
 
     started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(clients)
+    try:
         futures = []
         for i, body in enumerate(batches):
             if interval:
@@ -81,6 +84,9 @@ def post_load(url: str, mix: EventMix, *, events: int, batch: int, clients: int,
                 accepted_ids.add(event["event_id"])
                 if reason:
                     expected_dead[event["event_id"]] = reason
+    finally:
+        # On Ctrl-C or a failure, queued batches are dropped rather than posted before exiting.
+        pool.shutdown(wait=True, cancel_futures=True)
     return {
         "accepted_ids": accepted_ids,
         "expected_dead": expected_dead,
@@ -96,13 +102,19 @@ def drain_dead_letters(stack: LocalStack) -> list[dict]:
     return list(read_queue_records(stack.queue_url, sqs=stack.client("sqs"), s3=stack.client("s3")))
 
 
-def summarize(lake: str, accepted: set[str], dead_letters: list[dict]) -> tuple[bool, str]:
+def summarize(lake: str, accepted: set[str], dead_letters: list[dict], since_ms: int = 0) -> tuple[bool, str]:
+    """What arrived where, for this run only: rows it accepted and processed at or after ``since_ms``.
+
+    The lake may hold earlier runs (the same ``./lake``, even the same ``--seed``):
+    they are neither counted nor queried.
+    """
     import duckdb
     import pyarrow.dataset as ds
 
     lines = []
     dataset = ds.dataset(os.path.join(lake, "events"), format="parquet", partitioning="hive")
-    table = dataset.to_table(columns=["event_id", "event_type", "year", "month", "day"])
+    table = dataset.to_table(columns=["event_id", "event_type", "year", "month", "day", "processed_at"],
+                             filter=ds.field("processed_at") >= _as_timestamp(since_ms))
     ids = table.column("event_id").to_pylist()
     this_run = [i for i, event_id in enumerate(ids) if event_id in accepted]
     partitions = collections.Counter()
@@ -134,7 +146,8 @@ def summarize(lake: str, accepted: set[str], dead_letters: list[dict]) -> tuple[
     query = (
         "SELECT event_type, count(*) AS events, count(DISTINCT user_id) AS users, "
         "round(avg(CASE WHEN user_found THEN 1 ELSE 0 END), 2) AS enriched_share "
-        f"FROM read_parquet('{lake}/events/**/*.parquet', hive_partitioning=true) "
+        f"FROM read_parquet('{lake}/events/**/*.parquet', hive_partitioning=true, union_by_name=true) "
+        f"WHERE processed_at >= epoch_ms({since_ms}) "
         "GROUP BY event_type ORDER BY events DESC"
     )
     lines.append("")
@@ -143,6 +156,22 @@ def summarize(lake: str, accepted: set[str], dead_letters: list[dict]) -> tuple[
     result = duckdb.sql(query)
     lines.append(str(result))
     return not missing, "\n".join(lines)
+
+
+def _as_timestamp(epoch_ms: int):
+    import datetime as dt
+
+    import pyarrow as pa
+
+    return pa.scalar(dt.datetime.fromtimestamp(epoch_ms / 1000, dt.timezone.utc), pa.timestamp("ms", tz="UTC"))
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (e.g. ``kill``, a CI timeout) unwinds like Ctrl-C, so every child and the stack are stopped."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -163,7 +192,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     mix = EventMix(args.schema_dir, users=args.users, seed=args.seed)
     children: list[Child] = []
     print(f"eventlake demo: lake at {lake}, logs in {logs}", flush=True)
-    with LocalStack(StackConfig(shards=args.shards)) as stack:
+    _stop_on_sigterm()
+    started_ms = utc_now_ms()
+    stack = LocalStack(StackConfig(shards=args.shards))
+    try:
+        stack.start()  # inside the try: a failed provisioning still stops the moto server it started
         try:
             seeded = stack.seed_users(mix.users())
             print(f"[1/5] local stack up at {stack.endpoint}; {seeded} users in DynamoDB", flush=True)
@@ -201,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"the pipeline exited with {code}; see {pipeline.log_path}", file=sys.stderr)
                 return 1
             dead = drain_dead_letters(stack)
-            ok, report = summarize(lake, load["accepted_ids"], dead)
+            ok, report = summarize(lake, load["accepted_ids"], dead, since_ms=started_ms)
             print("[5/5] what arrived where", flush=True)
             print(report, flush=True)
             print("conservation holds: every accepted event is in the lake or the dead-letter queue" if ok
@@ -210,7 +243,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         finally:
             for child in reversed(children):
                 child.stop()
+    finally:
+        stack.stop()
+
+
+def _main_interruptible() -> int:
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("interrupted: the ingress, the pipeline, Prism and the moto server were stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_interruptible())
