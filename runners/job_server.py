@@ -54,6 +54,8 @@ class JobServerSpec:
     name: str
     main_class: str
     artifacts: tuple[str, ...]
+    # Jar-name prefixes of the runner's dependencies that the provided engine jars replace.
+    engine_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -119,9 +121,10 @@ def job_server_jar(
 ) -> str:
     """Path of the pathing jar for ``spec``, resolving it with Maven on first use.
 
-    ``provided_jars_dir`` (e.g. pyspark's ``jars/``) comes first on the class path:
-    the engine's own runtime, which the runner declares as ``provided``; its
-    versions win over the runner's copies of shared libraries.
+    ``provided_jars_dir`` (e.g. pyspark's ``jars/``) is the engine's own runtime,
+    which the runner declares as ``provided``. It goes after the runner's jars
+    (Beam needs its newer Guava, Spark ships Guava 14), and runner jars named
+    with ``spec.engine_prefixes`` (e.g. ``spark-sql-api`` 3.5.0) are left out.
     """
     target = os.path.join(cache_root(), "job-servers", spec.name)
     jar = os.path.join(target, f"{spec.name}.jar")
@@ -154,11 +157,12 @@ def job_server_jar(
         ) from None
     except subprocess.TimeoutExpired:
         raise JobServerUnavailable(f"Maven did not resolve the {spec.name} job server within {timeout:.0f}s") from None
-    jars = []
-    if provided_jars_dir:
-        provided = sorted(name for name in os.listdir(provided_jars_dir) if name.endswith(".jar"))
-        jars.extend(os.path.relpath(os.path.join(provided_jars_dir, name), target) for name in provided)
-    jars.extend(sorted(f"lib/{name}" for name in os.listdir(os.path.join(target, "lib")) if name.endswith(".jar")))
+    provided = sorted(name for name in os.listdir(provided_jars_dir) if name.endswith(".jar")) if provided_jars_dir else []
+    jars = sorted(
+        f"lib/{name}" for name in os.listdir(os.path.join(target, "lib"))
+        if name.endswith(".jar") and not (provided and name.startswith(spec.engine_prefixes or ("\0",)))
+    )
+    jars.extend(os.path.relpath(os.path.join(provided_jars_dir, name), target) for name in provided)
     write_pathing_jar(jar, spec.main_class, jars)
     LOG.info("%s job server ready in %.0fs (%d jars)", spec.name, time.monotonic() - started, len(jars))
     return jar

@@ -44,6 +44,7 @@ def spark_job_server_spec() -> JobServerSpec:
         name=f"beam-spark-3-job-server-{JOB_SERVER_BEAM_VERSION}-spark-{spark_version()}",
         main_class="org.apache.beam.runners.spark.SparkJobServerDriver",
         artifacts=(f"org.apache.beam:beam-runners-spark-3:{JOB_SERVER_BEAM_VERSION}",),
+        engine_prefixes=("spark-",),
     )
 
 
