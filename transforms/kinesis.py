@@ -120,7 +120,11 @@ class ReaderConfig(NamedTuple):
 
 def _error_code(exc: Exception) -> Optional[str]:
     if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code")
+        code = exc.response.get("Error", {}).get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if status >= 500 and code not in _THROTTLED and code not in _TRANSIENT:
+            return "InternalFailure"  # a 5xx without an AWS error code (e.g. an HTML 500 page) is transient too
+        return code
     if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
         return "ConnectionError"
     return None
