@@ -10,6 +10,13 @@ Three measurements in one run, against one moto server in its own process
 3. ``kinesis_put_limit_events_per_s``: a tight single-thread PutRecords loop of
    500-record calls, same event size, against the same moto: the ceiling that
    the emulated Kinesis itself sets (measured first).
+4. ``keepup``: latency at a load the ingress keeps up with: an open-loop steady
+   rate of ``keepup_share`` x the throughput measured in 1. (batches of
+   ``batch`` on a fixed schedule), so latency is service time, not queueing.
+
+The closed loop of 1. (``clients`` threads posting back to back) overloads the
+ingress by design: its p50/p99 are mostly time spent queued behind other
+clients' requests, which is why 4. exists.
 
 Each measurement writes to a fresh stream on the same moto server, because
 moto's PutRecords slows down as a stream fills.
@@ -153,8 +160,44 @@ def _kinesis_put_limit(stack: LocalStack, *, duration_s: float) -> dict:
     return {"events_per_s": round(put / elapsed, 1), "calls": calls, "seconds": round(elapsed, 1)}
 
 
+def _keepup(url: str, *, rate: float, duration_s: float, batch: int) -> dict:
+    """Open-loop steady ``rate`` (events/s); latency of each request at that load."""
+    from bench.stream import post_steadily
+    from runners.loadgen import EventMix
+
+    mix = EventMix(os.path.join(ROOT, "schemas"), users=5000, seed=3, invalid_rate=0.0)
+    clients = max(4, min(32, int(rate / batch) * 2))
+    load = post_steadily(url, mix, rate=rate, duration_s=duration_s, batch=batch, clients=clients)
+    return {"rate_events_per_s": round(rate, 1), "events_accepted": len(load["accepted_at"]),
+            "events_per_s": round(len(load["accepted_at"]) / load["posting_s"], 1),
+            "latency_p50_ms": load["post_p50_ms"], "latency_p99_ms": load["post_p99_ms"],
+            "max_behind_schedule_s": load["max_behind_schedule_s"], "failed_requests": load["failed_requests"]}
+
+
+def summary(results: dict) -> dict:
+    """The headline figures of :func:`run`, flat."""
+    kinesis, limit = results["kinesis"], results["kinesis_put_limit_events_per_s"]
+    flat = {
+        "ingress_events_per_s": kinesis["events_per_s"],
+        "ingress_p50_ms": kinesis["latency_p50_ms"],
+        "ingress_p99_ms": kinesis["latency_p99_ms"],
+        "kinesis_put_limit_events_per_s": limit,
+        "ingress_to_limit_ratio": round(kinesis["events_per_s"] / limit, 3) if limit else None,
+    }
+    if "keepup" in results:
+        flat.update({
+            "ingress_keepup_rate_events_per_s": results["keepup"]["rate_events_per_s"],
+            "ingress_keepup_p50_ms": results["keepup"]["latency_p50_ms"],
+            "ingress_keepup_p99_ms": results["keepup"]["latency_p99_ms"],
+        })
+    if "discard" in results:
+        flat["ingress_discard_events_per_s"] = results["discard"]["events_per_s"]
+    return flat
+
+
 def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, workers: int = 2, threads: int = 16,
-        shards: int = 4, kinesis_loop_s: float = 5.0, stack: Optional[LocalStack] = None) -> dict:
+        shards: int = 4, kinesis_loop_s: float = 5.0, keepup_share: float = 0.7, keepup_s: float = 20.0,
+        discard: bool = True, stack: Optional[LocalStack] = None) -> dict:
     """Runs the three measurements (module docstring) and returns their figures."""
     if duration_s <= 0 or clients < 1 or not 1 <= batch <= 500:
         raise ValueError(f"invalid bench settings: duration_s={duration_s}, clients={clients}, batch={batch}")
@@ -166,7 +209,7 @@ def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, worker
                                       "shards": shards, "cpus": os.cpu_count()}}
         results["kinesis_put_limit_events_per_s"] = _kinesis_put_limit(
             _fresh_stream(stack, "bench-put-loop", shards), duration_s=kinesis_loop_s)["events_per_s"]
-        for mode in ("kinesis", "discard"):
+        for mode in ("kinesis", "discard") if discard else ("kinesis",):
             target = _fresh_stream(stack, f"bench-{mode}", shards)
             env = {**os.environ, **target.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0",
                    "EVENTLAKE_PUBLISHER": mode}
@@ -175,8 +218,13 @@ def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, worker
             try:
                 results[mode] = _load(f"http://127.0.0.1:{port}/v1/events", clients=clients, batch=batch,
                                       duration_s=duration_s)
+                if mode == "kinesis" and keepup_share > 0:
+                    rate = max(batch, keepup_share * results[mode]["events_per_s"])
+                    results["keepup"] = _keepup(f"http://127.0.0.1:{port}/v1/events", rate=rate,
+                                                duration_s=keepup_s, batch=batch)
             finally:
                 _stop(proc)
+        results.update(summary(results))
         return results
     finally:
         if own_stack:

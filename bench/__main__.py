@@ -1,0 +1,124 @@
+"""``make bench``: every benchmark in one run; writes bench/results/latest.json and prints a table.
+
+Sizes are parameters (defaults sized so the whole run fits in well under 20
+minutes on a 2-core machine)::
+
+    python -m bench [--backfill_events 100000] [--stream_rate 1000] [--stream_duration 60] [--only ingress,stream]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PARTS = ("ingress", "backfill", "stream")
+
+#: (key, unit, target) rows of the printed table, in order.
+TABLE = [
+    ("ingress_events_per_s", "ev/s", None),
+    ("ingress_p50_ms", "ms", None),
+    ("ingress_p99_ms", "ms", None),
+    ("kinesis_put_limit_events_per_s", "ev/s", None),
+    ("ingress_to_limit_ratio", "", ">= 0.8"),
+    ("ingress_keepup_rate_events_per_s", "ev/s", None),
+    ("ingress_keepup_p50_ms", "ms", None),
+    ("ingress_keepup_p99_ms", "ms", "<= 50"),
+    ("backfill_events", "events", None),
+    ("backfill_events_per_s", "ev/s", None),
+    ("baseline_events_per_s", "ev/s", None),
+    ("backfill_to_baseline_ratio", "", ">= 1.4"),
+    ("stream_events_per_s", "ev/s", ">= 5000"),
+    ("stream_kept_up", "", "true"),
+    ("freshness_p50_s", "s", None),
+    ("freshness_p95_s", "s", "<= window + 10"),
+    ("peak_rss_mb", "MiB", None),
+]
+
+
+def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: int = 100_000,
+            backfill_files: int = 8, backfill_runner: str = "fnapi2", stream_rate: float = 1000.0,
+            stream_duration_s: float = 60.0, stream_window_s: int = 10) -> dict:
+    """Runs the chosen benchmarks; returns the flat headline figures plus each part's details."""
+    from bench import machine
+
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown benchmark part(s) {sorted(unknown)}; choose from {PARTS}")
+    results: dict = {"machine": machine.machine(), "details": {}}
+    started = time.monotonic()
+    peaks = []
+    if "ingress" in parts:
+        from bench import ingress
+
+        detail = ingress.run(duration_s=ingress_duration_s)
+        results["details"]["ingress"] = detail
+        results.update(ingress.summary(detail))
+    if "backfill" in parts:
+        from bench import backfill
+
+        detail = backfill.run(events=backfill_events, files=backfill_files, runner=backfill_runner)
+        results["details"]["backfill"] = detail
+        for key in ("backfill_events", "backfill_events_per_s", "baseline_events_per_s",
+                    "backfill_to_baseline_ratio", "backfill_peak_rss_mb"):
+            results[key] = detail.get(key if key != "backfill_events" else "events")
+        results["backfill_runner"] = detail["backfill_run"]["runner"]
+        peaks.append(detail["backfill_peak_rss_mb"])
+    if "stream" in parts:
+        from bench import stream
+
+        detail = stream.run(rate=stream_rate, duration_s=stream_duration_s, window_s=stream_window_s)
+        results["details"]["stream"] = detail
+        for key in ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_peak_rss_mb"):
+            results[key] = detail[key]
+        results["stream_kept_up"] = detail["kept_up"]
+        results["stream_offered_events_per_s"] = stream_rate
+        peaks.append(detail["stream_peak_rss_mb"])
+    if peaks:
+        results["peak_rss_mb"] = max(peaks)
+    results["bench_seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"{'figure':36s} {'value':>12s} {'unit':6s} target"]
+    for key, unit, target in TABLE:
+        if key in results:
+            value = results[key]
+            text = f"{value:,.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+            lines.append(f"{key:36s} {text:>12s} {unit:6s} {target or ''}")
+    m = results["machine"]
+    lines.append(f"machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, Beam {m['beam']}, "
+                 f"load {m['load_average_1_5_15']}, {m['measured_at']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--ingress_duration", type=float, default=20.0)
+    parser.add_argument("--backfill_events", type=int, default=100_000)
+    parser.add_argument("--backfill_files", type=int, default=8)
+    parser.add_argument("--backfill_runner", default="fnapi2")
+    parser.add_argument("--stream_rate", type=float, default=1000.0)
+    parser.add_argument("--stream_duration", type=float, default=60.0)
+    parser.add_argument("--stream_window", type=int, default=10)
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "latest.json"))
+    args = parser.parse_args(argv)
+    results = run_all(parts=tuple(p for p in args.only.split(",") if p), ingress_duration_s=args.ingress_duration,
+                      backfill_events=args.backfill_events, backfill_files=args.backfill_files,
+                      backfill_runner=args.backfill_runner, stream_rate=args.stream_rate,
+                      stream_duration_s=args.stream_duration, stream_window_s=args.stream_window)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(table(results))
+    print(f"details: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Streaming throughput and freshness: HTTP ingress -> Kinesis -> pipelines.events on Prism -> lake.
+
+Events are posted at a steady rate (``rate`` events/s in batches of ``batch``,
+paced on a schedule from ``clients`` threads) through gunicorn to the moto
+Kinesis stream; the events pipeline runs in streaming mode on Prism as a child
+process and writes ``window_s`` windows to a local lake. A poller reads every
+new Parquet file's ``event_id`` column with pyarrow and records, per event id,
+when it first became readable. Freshness of an event = that moment minus the
+moment its 202 arrived. Before the measured load, a warm-up batch is posted and
+awaited in the lake, so the runner's start-up is not counted as freshness.
+
+``stream_events_per_s`` is the rate of events that landed in the lake per second
+of posting; it only means "sustained" when ``kept_up`` is true: every accepted
+event landed, with freshness p95 <= window + 10 s. Usage::
+
+    python -m bench.stream [--rate 1000] [--duration 60] [--window 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+import pyarrow.parquet as pq
+import requests
+
+from bench.backfill import BENCH_KEYS, SCHEMA_DIR
+from bench.ingress import WRITE_KEY, _percentile, _start_gunicorn, _stop
+from bench.machine import PeakMemory
+from runners.loadgen import EventMix
+from runners.local import LocalStack, StackConfig, free_port, wait_until
+from runners.processes import Child
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class LakeWatcher:
+    """Polls a local lake for new Parquet files; remembers when each event id became readable."""
+
+    def __init__(self, lake: str, *, interval_s: float = 0.25):
+        self.root = os.path.join(lake, "events")
+        self.interval_s = interval_s
+        self.seen_at: dict[str, float] = {}
+        self._files: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def poll(self) -> int:
+        """Reads files not read before; returns how many ids were new."""
+        new = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                path = os.path.join(folder, name)
+                if not name.endswith(".parquet") or path in self._files:
+                    continue
+                try:
+                    ids = pq.read_table(path, columns=["event_id"]).column("event_id").to_pylist()
+                except OSError:
+                    continue  # being published: read it on the next poll
+                now = time.time()
+                self._files.add(path)
+                for event_id in ids:
+                    if event_id not in self.seen_at:
+                        self.seen_at[event_id] = now
+                        new += 1
+        return new
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "LakeWatcher":
+        self._thread = threading.Thread(target=self._run, name="lake-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+def post_steadily(url: str, mix: EventMix, *, rate: float, duration_s: float, batch: int, clients: int) -> dict:
+    """Posts ``rate`` events/s for ``duration_s`` on a fixed schedule; event id -> time of its 202."""
+    batches = max(1, int(rate * duration_s / batch))
+    bodies = []
+    for _ in range(batches):
+        events = [mix.valid() for _ in range(batch)]
+        for event in events:
+            event.pop("timestamp", None)  # client time is irrelevant here; received_at is the event time
+        bodies.append(([e["event_id"] for e in events], json.dumps({"events": events}).encode()))
+    headers = {"Authorization": f"Bearer {WRITE_KEY}", "Content-Type": "application/json"}
+    accepted_at: dict[str, float] = {}
+    lock = threading.Lock()
+    latencies: list[float] = []
+    behind = [0.0]
+    failures = [0]
+    next_index = [0]
+    start = time.monotonic() + 0.5
+
+    def client() -> None:
+        session = requests.Session()
+        while True:
+            with lock:
+                index = next_index[0]
+                next_index[0] += 1
+            if index >= batches:
+                return
+            due = start + index * batch / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # the schedule itself: nothing to await
+            else:
+                with lock:
+                    behind[0] = max(behind[0], -delay)
+            ids, body = bodies[index]
+            sent = time.monotonic()
+            for _ in range(10):  # bounded: 429/503 are retried as a client would
+                resp = session.post(url, data=body, headers=headers, timeout=60)
+                if resp.status_code not in (429, 503):
+                    break
+                time.sleep(float(resp.headers.get("Retry-After", "1")))
+            now = time.time()
+            with lock:
+                latencies.append(time.monotonic() - sent)
+                if resp.status_code == 202 and not resp.json().get("rejected"):
+                    accepted_at.update(dict.fromkeys(ids, now))
+                else:
+                    failures[0] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(duration_s + 300)
+    posting_s = time.monotonic() - start
+    latencies.sort()
+    return {"accepted_at": accepted_at, "posting_s": posting_s, "failed_requests": failures[0],
+            "max_behind_schedule_s": round(behind[0], 2),
+            "post_p50_ms": round(_percentile(latencies, 0.5) * 1000, 1),
+            "post_p99_ms": round(_percentile(latencies, 0.99) * 1000, 1)}
+
+
+def run(*, rate: float = 1000.0, duration_s: float = 60.0, window_s: int = 10, batch: int = 100,
+        clients: int = 8, shards: int = 2, users: int = 2000, workers: int = 1, threads: int = 16,
+        workdir: Optional[str] = None, drain_timeout_s: float = 180.0) -> dict:
+    """One streaming measurement on its own local stack; see the module docstring."""
+    if rate <= 0 or duration_s <= 0 or window_s < 1 or not 1 <= batch <= 500 or clients < 1:
+        raise ValueError(f"invalid stream bench settings: rate={rate}, duration_s={duration_s}, "
+                         f"window_s={window_s}, batch={batch}, clients={clients}")
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="eventlake-bench-stream-")
+        workdir = tmp.name
+    lake = os.path.join(workdir, "lake")
+    mix = EventMix(SCHEMA_DIR, users=users, seed=11, invalid_rate=0.0)
+    stack = LocalStack(StackConfig(stream="bench-stream", shards=shards, users_table="bench-stream-users",
+                                   dead_letter_queue="bench-stream-dlq", bucket="bench-stream-lake"))
+    gunicorn = pipeline = None
+    try:
+        stack.start()
+        stack.seed_users(mix.users())
+        env = {**os.environ, **stack.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0",
+               "EVENTLAKE_PSEUDONYMIZATION_KEYS": BENCH_KEYS}
+        port = free_port()
+        gunicorn = _start_gunicorn(env, port, workers, threads)
+        url = f"http://127.0.0.1:{port}/v1/events"
+        pipeline = Child.python("pipeline", [
+            "pipelines.events", "--mode=stream", f"--input_stream={stack.config.stream}",
+            f"--users_table={stack.config.users_table}", f"--output={lake}",
+            f"--dead_letter={os.path.join(workdir, 'dead_letters')}", f"--schema_dir={SCHEMA_DIR}",
+            f"--window_seconds={window_s}",  # no idle stop: the bench stops it when measured
+        ], env=env, log_path=os.path.join(workdir, "pipeline.log"), cwd=ROOT)
+        with PeakMemory(pipeline.proc.pid) as peak, LakeWatcher(lake) as watcher:
+            warm = post_steadily(url, mix, rate=100, duration_s=1, batch=100, clients=1)
+            wait_until(lambda: not pipeline.running() or all(i in watcher.seen_at for i in warm["accepted_at"]),
+                       timeout=300, interval=0.25, what="the warm-up events in the lake")
+            if not pipeline.running():
+                raise RuntimeError(f"the streaming pipeline exited early: {pipeline.tail()[-2000:]}")
+            load = post_steadily(url, mix, rate=rate, duration_s=duration_s, batch=batch, clients=clients)
+            accepted = load["accepted_at"]
+            try:
+                wait_until(lambda: all(i in watcher.seen_at for i in accepted), timeout=drain_timeout_s,
+                           interval=0.5, what="every accepted event in the lake")
+            except TimeoutError:
+                pass  # reported below as landed < accepted
+            watcher.poll()
+        fresh = sorted(watcher.seen_at[i] - t for i, t in accepted.items() if i in watcher.seen_at)
+        landed = len(fresh)
+        p95 = _percentile(fresh, 0.95)
+        return {
+            "settings": {"rate": rate, "duration_s": duration_s, "window_s": window_s, "batch": batch,
+                         "clients": clients, "shards": shards, "gunicorn_workers": workers},
+            "accepted": len(accepted), "landed": landed, "failed_requests": load["failed_requests"],
+            "posting_s": round(load["posting_s"], 1), "max_behind_schedule_s": load["max_behind_schedule_s"],
+            "post_p50_ms": load["post_p50_ms"], "post_p99_ms": load["post_p99_ms"],
+            "stream_events_per_s": round(landed / load["posting_s"], 1),
+            "freshness_p50_s": round(_percentile(fresh, 0.5), 2),
+            "freshness_p95_s": round(p95, 2),
+            "freshness_max_s": round(fresh[-1], 2) if fresh else None,
+            "kept_up": landed == len(accepted) and p95 <= window_s + 10,
+            "stream_peak_rss_mb": peak.mb,
+        }
+    finally:
+        if pipeline is not None:
+            pipeline.stop()
+        if gunicorn is not None:
+            _stop(gunicorn)
+        stack.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--shards", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(rate=args.rate, duration_s=args.duration, window_s=args.window, clients=args.clients,
+                         shards=args.shards), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

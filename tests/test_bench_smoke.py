@@ -1,0 +1,76 @@
+"""The benchmarks still run: each bench function at tiny sizes returns its figures.
+
+Not a performance test (no figure is compared with a target): it keeps
+``make bench`` from rotting as the modules it drives change. Each bench talks to
+real services on loopback (moto server, gunicorn, the pipeline on its runner).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import backfill, ingress, machine, stream
+from runners.local import LocalStack, StackConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_machine_describes_cores_memory_and_versions():
+    described = machine.machine()
+    assert described["cores"] >= 1 and described["memory_gib"] > 0
+    assert described["beam"].startswith("2.") and described["python"].startswith("3.")
+
+
+def test_peak_memory_counts_the_process_tree():
+    with machine.PeakMemory(os.getpid(), interval_s=0.05) as peak:
+        peak.sample()
+    assert peak.mb > 10
+
+
+def test_ingress_bench_returns_its_figures(moto_server):
+    stack = LocalStack(StackConfig(stream="smoke-ingress", users_table="smoke-ingress-users",
+                                   dead_letter_queue="smoke-ingress-dlq", bucket="smoke-ingress-lake"),
+                       server=moto_server).start()
+    results = ingress.run(duration_s=2, clients=2, batch=10, workers=1, threads=4, shards=1, kinesis_loop_s=1,
+                          keepup_s=2, discard=False, stack=stack)
+    for key in ("ingress_events_per_s", "ingress_p50_ms", "ingress_p99_ms", "kinesis_put_limit_events_per_s",
+                "ingress_to_limit_ratio", "ingress_keepup_p50_ms", "ingress_keepup_p99_ms"):
+        assert key in results, key
+    assert results["kinesis"]["statuses"].get("202", 0) > 0
+    assert results["keepup"]["failed_requests"] == 0
+
+
+def test_backfill_and_baseline_process_every_event(moto_server, tmp_path):
+    stack = LocalStack(StackConfig(stream="smoke-backfill", users_table="smoke-backfill-users",
+                                   dead_letter_queue="smoke-backfill-dlq", bucket="smoke-backfill-lake"),
+                       server=moto_server).start()
+    results = backfill.run(events=400, files=2, runner="fnapi1", users=50, workdir=str(tmp_path), stack=stack)
+    for key in ("backfill_events_per_s", "baseline_events_per_s", "backfill_to_baseline_ratio",
+                "backfill_peak_rss_mb"):
+        assert results[key] > 0, key
+    pipeline, base = results["backfill_run"], results["baseline_run"]
+    assert pipeline["read"] == base["read"] == 400
+    assert pipeline["conserved"] and base["conserved"]
+    assert pipeline["rows_written"] == base["rows_written"]  # the same work on the same data
+
+
+def test_stream_bench_sees_every_event_land(tmp_path):
+    results = stream.run(rate=200, duration_s=2, window_s=2, batch=50, clients=2, shards=1, users=50,
+                         workdir=str(tmp_path), drain_timeout_s=120)
+    assert results["accepted"] == 400
+    assert results["landed"] == results["accepted"]
+    for key in ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_peak_rss_mb"):
+        assert results[key] > 0, key
+
+
+def test_table_prints_the_figures_it_has():
+    text = bench_main.table({"machine": machine.machine(), "ingress_to_limit_ratio": 0.85, "peak_rss_mb": 512.0})
+    assert "ingress_to_limit_ratio" in text and "0.85" in text and "peak_rss_mb" in text
+    assert "stream_events_per_s" not in text
+
+
+def test_unknown_part_is_refused():
+    with pytest.raises(ValueError, match="nonsense"):
+        bench_main.run_all(parts=("nonsense",))
