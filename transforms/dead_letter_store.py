@@ -41,10 +41,21 @@ from transforms.object_store import ObjectStore, parse_uri
 
 LOG = logging.getLogger("eventlake.transforms.dead_letter_store")
 SQS_MAX_BATCH = 10
+NOT_A_DEAD_LETTER = {"stage": "unknown", "reason": "not_a_dead_letter", "retryable": False}
 
 
 class DeadLetterStoreError(RuntimeError):
     """A dead letter could not be read or deleted (the message says which, never what it holds)."""
+
+
+class OverflowObjectMissing(DeadLetterStoreError):
+    """A pointer message whose S3 object is gone.
+
+    Only re-drive deletes overflow objects, after Kinesis acknowledged the
+    payload and after asking SQS to delete the message; SQS silently keeps a
+    message deleted with a stale receipt handle (it was received again
+    meanwhile). Such a pointer is a dead letter already re-driven.
+    """
 
 
 class StoredDeadLetter:
@@ -110,6 +121,7 @@ class QueueDeadLetters:
     def scan(self) -> Iterator[StoredDeadLetter]:
         """Every message in the queue, each once (they stay invisible until released or deleted)."""
         empty, seen = 0, 0
+        message_ids: set[str] = set()
         while empty < self.empty_polls and seen < self.max_messages:
             messages = self.sqs.receive_message(
                 QueueUrl=self.queue_url, MaxNumberOfMessages=SQS_MAX_BATCH, WaitTimeSeconds=self.wait_seconds,
@@ -118,9 +130,23 @@ class QueueDeadLetters:
                 empty += 1
                 continue
             empty = 0
-            for message in messages:
+            again = [m for m in messages if m.get("MessageId") in message_ids]
+            if again:  # held longer than the visibility timeout: this run keeps its first sighting
+                LOG.warning("%d queue messages were received twice in one scan; raise the visibility timeout",
+                            len(again))
+            messages = [m for m in messages if m.get("MessageId") not in message_ids]
+            if not messages:  # only messages this scan holds already: it has gone round the queue
+                empty += 1
+                continue
+            message_ids.update(m.get("MessageId") for m in messages)
+            letters = [self._letter(message) for message in messages]
+            for index, letter in enumerate(letters):
                 seen += 1
-                yield self._letter(message)
+                try:
+                    yield letter
+                except GeneratorExit:  # the caller stopped early: the rest of this receive goes back
+                    self.release(letters[index + 1:])
+                    raise
 
     def _letter(self, message: dict) -> StoredDeadLetter:
         body = message["Body"]
@@ -128,14 +154,28 @@ class QueueDeadLetters:
             parsed = json.loads(body)
         except ValueError:
             parsed = None
-        if not isinstance(parsed, dict):
-            raise DeadLetterStoreError("a queue message is not a dead-letter record (not a JSON object)")
         handle = _QueueHandle(message["ReceiptHandle"], None)
+        if not isinstance(parsed, dict):  # not ours: shown in the summary, never re-driven by default
+
+            def unreadable():
+                raise DeadLetterStoreError("a queue message is not a dead-letter record (not a JSON object)")
+
+            return StoredDeadLetter(NOT_A_DEAD_LETTER, {}, handle, load=unreadable)
         if parsed.get("schema") == POINTER_SCHEMA:
             handle = handle._replace(overflow=parsed.get("location"))
             return StoredDeadLetter(parsed.get("failure"), parsed.get("source"), handle,
-                                    load=lambda: record_from_message(body, self.store))
+                                    load=lambda: self._resolve(body))
         return StoredDeadLetter(parsed.get("failure"), parsed.get("source"), handle, record=parsed)
+
+    def _resolve(self, body: str) -> dict:
+        try:
+            return record_from_message(body, self.store)
+        except FileNotFoundError:
+            raise OverflowObjectMissing("a pointer's overflow object is gone") from None
+        except Exception as exc:  # noqa: BLE001 - botocore's NoSuchKey is generated per client
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise OverflowObjectMissing("a pointer's overflow object is gone") from None
+            raise
 
     def delete(self, letters: list[StoredDeadLetter]) -> int:
         """Deletes the messages, then their overflow objects; returns how many messages went."""
