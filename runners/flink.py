@@ -252,7 +252,7 @@ class FlinkCluster:
             raise FlinkUnavailable(f"something already answers on {self.rest_url}: not starting a second cluster")
         self._script(home, "jobmanager.sh", "start")
         self._script(home, "taskmanager.sh", "start")
-        wait_until(lambda: self.free_or_used_slots() >= self.task_slots, timeout=timeout,
+        wait_until(lambda: self.total_slots() >= self.task_slots, timeout=timeout,
                    interval=0.5, what=f"Flink at {self.rest_url} with {self.task_slots} slots")
         LOG.info("Flink %s up at %s (state in %s)", self.version, self.rest_url, self.state_dir)
         return self
@@ -275,7 +275,7 @@ class FlinkCluster:
         except OSError:
             return None
 
-    def free_or_used_slots(self) -> int:
+    def total_slots(self) -> int:
         overview = self.status() or {}
         return int(overview.get("slots-total", 0))
 
@@ -304,7 +304,7 @@ class FlinkCluster:
         """Starts a fresh TaskManager and waits until its slots are registered."""
         home = install(self.version)
         self._script(home, "taskmanager.sh", "start")
-        wait_until(lambda: self.free_or_used_slots() >= self.task_slots, timeout=timeout,
+        wait_until(lambda: self.total_slots() >= self.task_slots, timeout=timeout,
                    interval=0.5, what="the TaskManager to register its slots")
 
     # -- internals -----------------------------------------------------------------------------------------------

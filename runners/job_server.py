@@ -31,13 +31,14 @@ LOG = logging.getLogger("eventlake.runners.job_server")
 
 JOB_SERVER_BEAM_VERSION = "2.62.0"
 MAVEN_TIMEOUT_SECONDS = 900
-_CENTRAL = "https://repo.maven.apache.org/maven2"
 
 # Beam's POMs declare extra repositories (a Google mirror) that this machine
-# cannot reach; every lookup there waits for a time-out. Mirror them all to Central.
-_SETTINGS = f"""<settings>
+# cannot reach; every lookup there waits for a time-out. Mirror every repository
+# but Central to an empty local folder: those lookups then fail at once, and
+# Maven finds each artifact on Central.
+_SETTINGS = """<settings>
   <mirrors>
-    <mirror><id>central-only</id><mirrorOf>*</mirrorOf><url>{_CENTRAL}</url></mirror>
+    <mirror><id>only-central</id><mirrorOf>*,!central</mirrorOf><url>file://{empty}</url></mirror>
   </mirrors>
 </settings>
 """
@@ -140,7 +141,7 @@ def job_server_jar(
         with open(os.path.join(scratch, "pom.xml"), "w") as handle:
             handle.write(_pom(spec))
         with open(os.path.join(scratch, "settings.xml"), "w") as handle:
-            handle.write(_SETTINGS)
+            handle.write(_SETTINGS.format(empty=os.path.join(scratch, "no-repository")))
         LOG.info("resolving the %s job server from Maven Central (minutes when cold)", spec.name)
         command = [
             mvn_binary, "-B", "-q", "-s", "settings.xml", "-f", "pom.xml",
