@@ -40,7 +40,7 @@ TABLE = [
 
 
 def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: int = 100_000,
-            backfill_files: int = 8, backfill_runner: str = "fnapi2", stream_rate: float = 1000.0,
+            backfill_files: int = 8, backfill_runner: str = "fnapi2", stream_rate: float = 300.0,
             stream_duration_s: float = 60.0, stream_window_s: int = 10) -> dict:
     """Runs the chosen benchmarks; returns the flat headline figures plus each part's details."""
     from bench import machine
@@ -103,7 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--backfill_events", type=int, default=100_000)
     parser.add_argument("--backfill_files", type=int, default=8)
     parser.add_argument("--backfill_runner", default="fnapi2")
-    parser.add_argument("--stream_rate", type=float, default=1000.0)
+    parser.add_argument("--stream_rate", type=float, default=300.0)
     parser.add_argument("--stream_duration", type=float, default=60.0)
     parser.add_argument("--stream_window", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "latest.json"))
