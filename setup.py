@@ -36,6 +36,7 @@ setup(
             "hypothesis",
             "duckdb",
             "schemathesis",
+            "pyspark==3.5.8",
         ],
         "dev": ["pyinstrument", "py-spy"],
     },
