@@ -67,7 +67,7 @@ def post_load(url: str, mix: EventMix, *, events: int, batch: int, clients: int,
         futures = []
         for i, body in enumerate(batches):
             if interval:
-                delay = started + i * interval / clients * clients - time.monotonic()
+                delay = started + i * interval - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
             futures.append(pool.submit(send, body))
