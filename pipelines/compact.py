@@ -43,6 +43,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.options import LakeOptions
 from transforms.compaction import CompactPartitions, DiscoverPartitions, check_partition
 from transforms.envelope import parse_rfc3339_ms
 
@@ -51,9 +52,12 @@ _DURATION = re.compile(r"^(\d+)([hd])$")
 
 
 class CompactOptions(PipelineOptions):
+    @property
+    def output(self):
+        return self.view_as(LakeOptions).output
+
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--output", help="lake root: a local path or s3://bucket/prefix")
         parser.add_argument("--partition", action="append", default=None,
                             help="event_type=<t>/year=<YYYY>/month=<MM>/day=<DD> (repeatable)")
         parser.add_argument("--older_than", default=None,

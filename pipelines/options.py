@@ -8,7 +8,24 @@ from apache_beam.options.pipeline_options import PipelineOptions
 DEFAULT_SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
 
 
+class LakeOptions(PipelineOptions):
+    """``--output``, the lake root, shared by every eventlake pipeline.
+
+    Beam parses the flags of every ``PipelineOptions`` subclass imported in the process with one parser, so two
+    classes that both declare ``--output`` make every pipeline in that process fail with a conflict. One class owns
+    the flag; the others read it through ``output`` below.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--output", help="lake root: a local path or s3://bucket/prefix")
+
+
 class EventsOptions(PipelineOptions):
+    @property
+    def output(self):
+        return self.view_as(LakeOptions).output
+
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--mode", choices=("stream", "backfill"), default="stream",
@@ -16,7 +33,6 @@ class EventsOptions(PipelineOptions):
         parser.add_argument("--input_stream", help="Kinesis stream name (stream mode)")
         parser.add_argument("--input", help="backfill: glob of JSON Lines files of envelopes (gzip allowed)")
         parser.add_argument("--users_table", help="DynamoDB table of user attributes, keyed by user_id")
-        parser.add_argument("--output", help="lake root: a local path or s3://bucket/prefix")
         parser.add_argument("--dead_letter",
                             help="dead-letter output: an SQS queue URL, or a local path or s3:// prefix (JSON Lines)")
         parser.add_argument("--dead_letter_overflow", default=None,
