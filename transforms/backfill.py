@@ -4,8 +4,14 @@ Each line becomes a :class:`~transforms.records.SourceRecord` whose ``stream`` i
 ``backfill``, ``shard_id`` the file and ``sequence_number`` the line number, so a
 dead letter from a backfill points at its exact line. Gzip files (``.gz``) are
 read transparently. The element timestamp is the line's ``received_at`` (event
-time); lines without one keep the minimum timestamp and are dead-lettered by the
+time); lines without one get the time of reading and are dead-lettered by the
 parse stage if they are not valid envelopes.
+
+The files, not the lines, are spread over the workers: each worker then reads
+and processes whole files with no shuffle between reading and processing, which
+measured 19 % less wall time than reshuffling every record (docs/benchmarks.md).
+The parallelism of a backfill is therefore the number of input files (archives
+such as Firehose's hold many); split one huge file before backfilling it.
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ class ReadBackfillFiles(beam.PTransform):
         return (
             pbegin
             | "MatchInput" >> fileio.MatchFiles(self._pattern)
+            | "SpreadFiles" >> beam.Reshuffle()
             | "OpenInput" >> fileio.ReadMatches()
             | "ReadLines" >> beam.ParDo(_ReadLines())
-            | "SpreadRecords" >> beam.Reshuffle()
         )
