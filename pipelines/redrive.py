@@ -2,11 +2,12 @@
 
 Runbook. ``--dead_letter`` takes what the events pipeline's ``--dead_letter``
 took: an SQS queue URL (or ``sqs://name``), or a local path / ``s3://`` prefix of
-JSON Lines files. Nothing changes unless ``--execute`` is given.
+JSON Lines files. As SPEC.md says, a plain run re-drives; ``--summary`` and
+``--dry_run`` change nothing.
 
 1. Look (changes nothing; queue messages are made visible again at the end)::
 
-       python -m pipelines.redrive --dead_letter=$EVENTLAKE_DEAD_LETTER_QUEUE_URL
+       python -m pipelines.redrive --dead_letter=$EVENTLAKE_DEAD_LETTER_QUEUE_URL --summary
 
    prints, per stage and reason: how many, how many are re-drivable, the
    oldest and newest ``failed_at``.
@@ -16,12 +17,17 @@ JSON Lines files. Nothing changes unless ``--execute`` is given.
            --since=2026-11-26T00:00:00Z --until=2026-11-27T00:00:00Z --limit=10000 --dry_run
 
    lists what would be re-driven (source positions, never payloads).
-3. Re-drive the same selection::
+3. Re-drive the same selection (``--execute`` may be given; it is the default)::
 
-       python -m pipelines.redrive --dead_letter=... --reason=enrichment_unavailable --execute \\
+       python -m pipelines.redrive --dead_letter=... --reason=enrichment_unavailable \\
            [--stream=$EVENTLAKE_STREAM]
 
-What ``--execute`` does: each selected payload (``decode_payload``) is put on
+Which stream: ``--stream``, else ``EVENTLAKE_STREAM``, else the stream each
+dead letter was read from (its ``source.stream``). Dead letters with no Kinesis
+source (a backfill's lines, the lake writer's rows) need ``--stream``; without
+it they stay where they are and are counted as ``no_stream``.
+
+What a re-drive does: each selected payload (``decode_payload``) is put on
 the stream with ``PutRecords`` (up to 500 records / 5 MiB a call; partition key
 the payload's ``user_id``, else ``anonymous_id``, else a hash of the payload);
 failed entries are retried with backoff; a dead letter is deleted only after
@@ -62,10 +68,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Callable, Iterable, Optional
 
+from transforms.backfill import BACKFILL_STREAM
 from transforms.dead_letter_store import (
     DeadLetterStoreError,
     OverflowObjectMissing,
@@ -80,6 +88,7 @@ MAX_RECORDS_PER_CALL = 500
 MAX_BYTES_PER_CALL = 5 * 1024 * 1024
 MAX_BYTES_PER_RECORD = 1024 * 1024
 MAX_PARTITION_KEY_CHARS = 256
+_STREAM_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
 
 
 # -- selection -------------------------------------------------------------------------------------
@@ -221,34 +230,48 @@ class _Group:
                 self.newest = (moment, failed_at)
 
 
+def source_stream(letter: StoredDeadLetter) -> Optional[str]:
+    """The Kinesis stream a dead letter was read from, if its source is one (not a backfill file or the lake)."""
+    stream = letter.source.get("stream") if isinstance(letter.source, dict) else None
+    if isinstance(stream, str) and stream != BACKFILL_STREAM and _STREAM_NAME.match(stream):
+        return stream
+    return None
+
+
 class Redrive:
-    """One re-drive run over a dead-letter store: ``summary``, ``dry_run`` or ``execute``."""
+    """One re-drive run over a dead-letter store: ``summary``, ``dry_run`` or ``execute``.
+
+    ``publisher_for(stream)`` gives the publisher of a stream; ``stream`` overrides each letter's own
+    (:func:`source_stream`).
+    """
 
     ACTIONS = ("summary", "dry_run", "execute")
 
     def __init__(self, store, selection: Selection, *, action: str = "summary",
-                 publisher: Optional[KinesisRepublisher] = None, out=None,
-                 batch_records: int = MAX_RECORDS_PER_CALL):
+                 publisher_for: Optional[Callable[[str], KinesisRepublisher]] = None,
+                 stream: Optional[str] = None, out=None, batch_records: int = MAX_RECORDS_PER_CALL):
         if action not in self.ACTIONS:
             raise ValueError(f"action must be one of {self.ACTIONS}, got {action!r}")
         if isinstance(batch_records, bool) or not isinstance(batch_records, int) \
                 or not 1 <= batch_records <= MAX_RECORDS_PER_CALL:
             raise ValueError(f"batch_records must be 1..{MAX_RECORDS_PER_CALL}, got {batch_records!r}")
         self.batch_records = batch_records
-        if action == "execute" and publisher is None:
+        if action == "execute" and publisher_for is None:
             raise ValueError("execute needs a publisher")
         self.store = store
         self.selection = selection
         self.action = action
-        self.publisher = publisher
+        self.publisher_for = publisher_for
+        self.publishers: dict[str, KinesisRepublisher] = {}
+        self.stream = stream
         self.out = out
         self.groups: dict[tuple[str, str], _Group] = collections.defaultdict(_Group)
         self.counts = collections.Counter()
 
     def run(self) -> dict:
         held: list[StoredDeadLetter] = []  # looked at and left alone: released at the end
-        batch: list[tuple[StoredDeadLetter, bytes, str]] = []
-        batch_bytes = 0
+        batches: dict[str, list[tuple[StoredDeadLetter, bytes, str]]] = collections.defaultdict(list)
+        batch_bytes: collections.Counter = collections.Counter()
         try:
             for letter in self.store.scan():
                 self.counts["scanned"] += 1
@@ -266,10 +289,15 @@ class Redrive:
                     self.counts["skipped_not_redrivable"] += 1
                     held.append(letter)
                     continue
+                stream = self.stream or source_stream(letter)
+                if stream is None:
+                    self.counts["no_stream"] += 1
+                    held.append(letter)
+                    continue
                 if self.action != "execute":
                     self.counts["would_redrive"] += 1
                     if self.action == "dry_run":
-                        self._say("would re-drive " + _position(letter))
+                        self._say(f"would re-drive {_position(letter)} to={stream}")
                     held.append(letter)
                     continue
                 try:
@@ -286,14 +314,16 @@ class Redrive:
                     continue
                 key = partition_key_of(payload)
                 size = len(payload) + len(key.encode("utf-8"))
-                if batch and (len(batch) == self.batch_records or batch_bytes + size > MAX_BYTES_PER_CALL):
-                    held.extend(self._flush(batch))
-                    batch, batch_bytes = [], 0
-                batch.append((letter, payload, key))
-                batch_bytes += size
+                batch = batches[stream]
+                if batch and (len(batch) == self.batch_records or batch_bytes[stream] + size > MAX_BYTES_PER_CALL):
+                    held.extend(self._flush(stream, batch))
+                    batches[stream], batch_bytes[stream] = [], 0
+                batches[stream].append((letter, payload, key))
+                batch_bytes[stream] += size
                 self.counts["queued"] += 1
-            if batch:
-                held.extend(self._flush(batch))
+            for stream, batch in batches.items():
+                if batch:
+                    held.extend(self._flush(stream, batch))
         finally:
             if held:
                 self.store.release(held)
@@ -304,9 +334,11 @@ class Redrive:
         done = self.counts["queued"] if self.action == "execute" else self.counts["would_redrive"]
         return limit is not None and done >= limit
 
-    def _flush(self, batch) -> list[StoredDeadLetter]:
-        """Publishes one batch and deletes what Kinesis acknowledged; returns the letters left alone."""
-        acknowledged = self.publisher.put([(payload, key) for _, payload, key in batch])
+    def _flush(self, stream: str, batch) -> list[StoredDeadLetter]:
+        """Publishes one batch to ``stream`` and deletes what Kinesis acknowledged; returns the letters left alone."""
+        if stream not in self.publishers:
+            self.publishers[stream] = self.publisher_for(stream)
+        acknowledged = self.publishers[stream].put([(payload, key) for _, payload, key in batch])
         done = [letter for (letter, _, _), ok in zip(batch, acknowledged) if ok]
         failed = [letter for (letter, _, _), ok in zip(batch, acknowledged) if not ok]
         self.counts["redriven"] += len(done)
@@ -322,8 +354,8 @@ class Redrive:
             "oldest_failed_at": group.oldest[1] if group.oldest else None,
             "newest_failed_at": group.newest[1] if group.newest else None,
         } for (stage, reason), group in sorted(self.groups.items())]
-        keys = ("scanned", "selected", "skipped_not_redrivable", "would_redrive", "unreadable", "already_redriven",
-                "redriven", "failed", "deleted")
+        keys = ("scanned", "selected", "skipped_not_redrivable", "no_stream", "would_redrive", "unreadable",
+                "already_redriven", "redriven", "failed", "deleted")
         return {"action": self.action, "dead_letter": self.store.describe(), "groups": groups,
                 **{key: self.counts[key] for key in keys}}
 
@@ -350,11 +382,14 @@ def format_report(report: dict) -> str:
     if report["skipped_not_redrivable"]:
         lines.append(f"  {report['skipped_not_redrivable']} selected dead letters are not retryable and were skipped "
                      "(name their --reason or --stage to re-drive them anyway)")
+    if report["no_stream"]:
+        lines.append(f"  {report['no_stream']} selected dead letters were not read from Kinesis (backfill lines, lake "
+                     "rows) and were left in place: name the stream with --stream to re-drive them")
     if report["action"] == "execute":
         lines.append(f"  re-driven {report['redriven']}, dead letters deleted {report['deleted']}, "
                      f"refused by Kinesis {report['failed']}, unreadable {report['unreadable']}")
     else:
-        lines.append(f"  would re-drive {report['would_redrive']} (nothing changed; add --execute to re-drive)")
+        lines.append(f"  would re-drive {report['would_redrive']} (nothing changed; run without --dry_run/--summary to re-drive)")
     return "\n".join(lines)
 
 
@@ -378,15 +413,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.redrive", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dead_letter", required=True, help="SQS queue URL, sqs://name, local path or s3:// prefix")
     parser.add_argument("--stream", default=os.environ.get("EVENTLAKE_STREAM"),
-                        help="Kinesis stream to re-drive to (default: EVENTLAKE_STREAM)")
+                        help="Kinesis stream to re-drive to (default: EVENTLAKE_STREAM, else the stream each dead "
+                             "letter was read from)")
     parser.add_argument("--reason", action="append", help="select by failure reason (repeatable, comma-separated)")
     parser.add_argument("--stage", action="append", help="select by failure stage (repeatable, comma-separated)")
     parser.add_argument("--since", help="select failed_at >= this RFC 3339 time")
     parser.add_argument("--until", help="select failed_at < this RFC 3339 time")
     parser.add_argument("--limit", type=int, help="re-drive at most N dead letters")
     action = parser.add_mutually_exclusive_group()
+    action.add_argument("--summary", action="store_true", help="count by stage and reason; change nothing")
     action.add_argument("--dry_run", action="store_true", help="list what would be re-driven; change nothing")
-    action.add_argument("--execute", action="store_true", help="re-drive the selection and delete its dead letters")
+    action.add_argument("--execute", action="store_true",
+                        help="re-drive the selection and delete its dead letters (the default)")
     parser.add_argument("--visibility_timeout", type=int, default=900,
                         help="seconds queue messages stay hidden while a run holds them")
     parser.add_argument("--batch_records", type=int, default=MAX_RECORDS_PER_CALL,
@@ -401,19 +439,19 @@ def run(argv: Optional[list[str]] = None, *, kinesis=None, sqs=None, s3=None, ou
     args = parse_args(argv)
     selection = Selection(_names(args.reason), _names(args.stage), _moment(args.since, "--since"),
                           _moment(args.until, "--until"), args.limit)
-    action = "execute" if args.execute else "dry_run" if args.dry_run else "summary"
-    publisher = None
+    action = "summary" if args.summary else "dry_run" if args.dry_run else "execute"
+    if args.stream is not None and not _STREAM_NAME.match(args.stream):
+        raise ValueError(f"--stream must be a Kinesis stream name, got {args.stream!r}")
+    publisher_for = None
     if action == "execute":
-        if not args.stream:
-            raise ValueError("--stream or EVENTLAKE_STREAM is required to re-drive")
         if kinesis is None:
             import boto3
 
             kinesis = boto3.client("kinesis")
-        publisher = KinesisRepublisher(kinesis, args.stream, sleep=sleep)
+        publisher_for = lambda stream: KinesisRepublisher(kinesis, stream, sleep=sleep)  # noqa: E731
     store = open_dead_letters(args.dead_letter, sqs=sqs, s3=s3, visibility_timeout=args.visibility_timeout)
-    report = Redrive(store, selection, action=action, publisher=publisher, out=out,
-                     batch_records=args.batch_records).run()
+    report = Redrive(store, selection, action=action, publisher_for=publisher_for, stream=args.stream or None,
+                     out=out, batch_records=args.batch_records).run()
     print(json.dumps({"eventlake_redrive": report}) if args.json else format_report(report), file=out, flush=True)
     return report
 
@@ -426,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1 if report["failed"] or report["unreadable"] else 0
+    return 1 if report["failed"] or report["unreadable"] or report["no_stream"] else 0
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_summary_counts_by_stage_and_reason_and_changes_nothing(stack):
     fill_queue(stack, letters(6, 3, big=2), max_message_bytes=2048)
     assert len(overflow_objects(stack)) == 2
 
-    report = run(stack, f"--dead_letter={stack.queue_url}")
+    report = run(stack, f"--dead_letter={stack.queue_url}", "--summary")
 
     groups = {(g["stage"], g["reason"]): g for g in report["groups"]}
     assert groups[("enrich", "enrichment_unavailable")] == {
@@ -288,3 +288,41 @@ def test_no_payload_value_reaches_the_log(stack, caplog):
     assert report["redriven"] == 5
     text = caplog.text + report["printed"]
     assert "u-1" not in text and "ev-" not in text and "app_op" not in text
+
+
+# -- the command as SPEC.md gives it -----------------------------------------------------------
+
+
+def test_a_plain_run_redrives_to_the_stream_each_letter_was_read_from(stack, monkeypatch):
+    """``python -m pipelines.redrive --dead_letter=URI``: no --execute, no --stream, no EVENTLAKE_STREAM."""
+    monkeypatch.delenv("EVENTLAKE_STREAM", raising=False)
+    records = [dead_letter("enrich", "enrichment_unavailable", "users table unavailable", retryable=True,
+                           record=SourceRecord(envelope(i), stack.config.stream, "shardId-0", str(i)),
+                           failed_at=DAY) for i in range(5)]
+    fill_queue(stack, records)
+
+    report = run(stack, f"--dead_letter={stack.queue_url}")
+
+    assert report["action"] == "execute"
+    assert (report["redriven"], report["deleted"], report["no_stream"]) == (5, 5, 0)
+    assert sorted(r["data"] for r in stream_records(stack)) == sorted(envelope(i) for i in range(5))
+    assert queue_records(stack) == []
+
+
+def test_backfill_letters_without_a_stream_stay_and_are_counted(stack, tmp_path, monkeypatch):
+    monkeypatch.delenv("EVENTLAKE_STREAM", raising=False)
+    records = [dead_letter("enrich", "enrichment_unavailable", "users table unavailable", retryable=True,
+                           record=SourceRecord(envelope(i), "backfill", "/archive/part-0.jsonl", str(i + 1)),
+                           failed_at=DAY) for i in range(3)]
+    prefix = str(tmp_path / "dead")
+    write_jsonl(ObjectStore(), prefix, records)
+
+    report = run(stack, f"--dead_letter={prefix}")
+    assert (report["redriven"], report["no_stream"]) == (0, 3)
+    assert "--stream" in report["printed"]
+    assert redrive.main([f"--dead_letter={prefix}", "--summary"]) == 1
+    assert len(list(JsonLinesDeadLetters(prefix).scan())) == 3
+
+    report = run(stack, f"--dead_letter={prefix}", f"--stream={stack.config.stream}")
+    assert (report["redriven"], report["deleted"], report["no_stream"]) == (3, 3, 0)
+    assert list(JsonLinesDeadLetters(prefix).scan()) == []

@@ -48,7 +48,7 @@ def test_an_enrichment_outage_is_redriven_into_the_lake_enriched(stack, tmp_path
                           "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner", *common])
     assert summary["read"] == 120 and summary["rows_written"] == 0 and summary["dead_letters"] == 120
 
-    report = redrive.run([f"--dead_letter={stack.queue_url}"], out=io.StringIO())
+    report = redrive.run([f"--dead_letter={stack.queue_url}", "--summary"], out=io.StringIO())
     assert [(g["stage"], g["reason"], g["count"], g["redrivable"]) for g in report["groups"]] == [
         ("enrich", "enrichment_unavailable", 120, 120)]
 
@@ -60,7 +60,7 @@ def test_an_enrichment_outage_is_redriven_into_the_lake_enriched(stack, tmp_path
     wait_until(lambda: dynamodb.describe_table(TableName=stack.config.users_table)["Table"]["TableStatus"]
                == "ACTIVE", timeout=30, what="the restored table")
     stack.seed_users(mix.users(known_share=1.0))
-    report = redrive.run([f"--dead_letter={stack.queue_url}", "--execute", f"--stream={stack.config.stream}"],
+    report = redrive.run([f"--dead_letter={stack.queue_url}", f"--stream={stack.config.stream}"],
                          out=io.StringIO())
     assert report["redriven"] == 120 and report["deleted"] == 120 and report["failed"] == 0
 
