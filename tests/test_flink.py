@@ -195,7 +195,8 @@ def cancel(result) -> None:
 STREAMING_WATERMARK_BUG = (
     "Beam 2.77 Python SDK on the Beam 2.62 Flink 1.19 job server (the newest whose jars resolve): "
     "all values reach the SDF's consumers, but the watermark is at +inf before they reach GroupByKey, "
-    "so every window drops them as late (seen in 6 of 7 runs, with PeriodicImpulse and with this SDF)"
+    "so every window drops them as late (seen in 6 of 7 runs, with PeriodicImpulse and with this SDF). "
+    "Upstream: apache/beam#19637, fixed by #39191 (2026-07-05), after the newest runner served here"
 )
 
 
