@@ -3,7 +3,7 @@
 Sizes are parameters (defaults sized so the whole run fits in well under 20
 minutes on a 2-core machine)::
 
-    python -m bench [--backfill_events 100000] [--stream_rate 1000] [--stream_duration 60] [--only ingress,stream]
+    python -m bench [--backfill_events 500000] [--stream_rate 1000] [--stream_duration 60] [--only ingress,stream]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ TABLE = [
 ]
 
 
-def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: int = 100_000,
+def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: int = 500_000,
             backfill_files: int = 8, backfill_runner: str = "fnapi2", stream_rate: float = 300.0,
             stream_duration_s: float = 60.0, stream_window_s: int = 10) -> dict:
     """Runs the chosen benchmarks; returns the flat headline figures plus each part's details."""
@@ -100,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--ingress_duration", type=float, default=20.0)
-    parser.add_argument("--backfill_events", type=int, default=100_000)
+    parser.add_argument("--backfill_events", type=int, default=500_000)
     parser.add_argument("--backfill_files", type=int, default=8)
     parser.add_argument("--backfill_runner", default="fnapi2")
     parser.add_argument("--stream_rate", type=float, default=300.0)

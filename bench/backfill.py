@@ -8,7 +8,7 @@ process (as an operator would start it) so that its wall time and the peak
 memory of its whole process tree (Prism, SDK workers) are measured, not this
 process's. Usage::
 
-    python -m bench.backfill [--events 100000] [--files 8] [--runner fnapi2]
+    python -m bench.backfill [--events 500000] [--files 8] [--runner fnapi2]
 
 Runners (``RUNNERS``): ``fnapi2`` (FnApiRunner, two worker processes: uses both
 cores), ``fnapi1`` (FnApiRunner, one process), ``prism`` (Prism, one LOOPBACK
@@ -109,7 +109,7 @@ def run_pipeline(stack: LocalStack, pattern: str, lake: str, *, runner: str = "f
     return {"seconds": round(seconds, 2), "peak_rss_mb": peak.mb, **summary}
 
 
-def run(*, events: int = 100_000, files: int = 8, runner: str = "fnapi2", users: int = 2000, seed: int = 7,
+def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users: int = 2000, seed: int = 7,
         workdir: Optional[str] = None, stack: Optional[LocalStack] = None, with_baseline: bool = True) -> dict:
     """Generates the data, seeds the users, runs the backfill (and the plain-Python baseline on the same data)."""
     own_stack = stack is None
@@ -154,7 +154,7 @@ def run(*, events: int = 100_000, files: int = 8, runner: str = "fnapi2", users:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.backfill", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--events", type=int, default=500_000)
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--runner", choices=sorted(RUNNERS), default="fnapi2")
     parser.add_argument("--no_baseline", action="store_true")
