@@ -58,13 +58,18 @@ class MotoServer:
         self._log_path = log_path
         self._proc: Optional[subprocess.Popen] = None
 
+    def command(self) -> list[str]:
+        """The server's command line (a subclass may start a patched moto the same way)."""
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
     def start(self, timeout: float = 60.0) -> "MotoServer":
         log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            self.command(),
             stdout=log,
             stderr=log,
             start_new_session=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
 
         def up():

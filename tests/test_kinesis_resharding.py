@@ -6,10 +6,8 @@ stock moto keeps routing records to closed shards.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
-from urllib.request import urlopen
 
 import pytest
 
@@ -29,28 +27,10 @@ LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_kinesi
 
 
 class FaithfulMotoServer(MotoServer):
-    def start(self, timeout: float = 60.0) -> "FaithfulMotoServer":
-        root = os.path.dirname(os.path.dirname(LAUNCHER))
-        self._proc = subprocess.Popen(
-            [sys.executable, LAUNCHER, "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=root,
-        )
+    """moto with the Kinesis resharding fixes of ``test_kinesis_faithful_moto``."""
 
-        def up():
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with code {self._proc.returncode}")
-            with urlopen(self.endpoint + "/moto-api/", timeout=2) as resp:
-                return resp.status == 200
-
-        try:
-            wait_until(up, timeout=timeout, what="faithful moto server")
-        except Exception:
-            self.stop()
-            raise
-        return self
+    def command(self) -> list[str]:
+        return [sys.executable, LAUNCHER, "-H", "127.0.0.1", "-p", str(self.port)]
 
 
 @pytest.fixture(scope="module")

@@ -75,15 +75,6 @@ def test_context_keeps_undeclared_keys_as_strings_in_extra():
         REGISTRY.validate_context({"screen_width": "wide"})
 
 
-def test_user_items_are_projected_and_typed():
-    import decimal
-    item = {"user_id": "u1", "email": "a@b.c", "full_name": "Jane", "profile": {"height_cm": decimal.Decimal("180")},
-            "subscription": {"plan": "premium", "since": "2025-01-01T00:00:00Z"}, "devices": {"d2", "d1"}}
-    assert REGISTRY.coerce_user(item) == {
-        "email": "a@b.c", "full_name": "Jane", "profile": {"height_cm": 180},
-        "subscription": {"plan": "premium", "since": 1735689600000}, "devices": ["d1", "d2"]}
-
-
 def test_lake_schema_follows_the_spec_columns_and_x_pii():
     schema = REGISTRY.lake_schema("workout_completed")
     assert schema.names == SPEC_COLUMNS

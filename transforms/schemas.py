@@ -27,7 +27,6 @@ the value. Loading does I/O; importing this module does not.
 from __future__ import annotations
 
 import copy
-import decimal
 import json
 import os
 import re
@@ -242,18 +241,6 @@ def _coerce(node: dict, value: Any, path: str) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
-    """DynamoDB's Decimals and sets as JSON types."""
-    if isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_plain(item) for item in value]
-        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
-    return value
-
-
 class _CompiledSchema:
     """One schema with its two validators: fastjsonschema for speed, jsonschema to explain."""
 
@@ -374,11 +361,6 @@ class SchemaRegistry:
         if extra:
             coerced[CONTEXT_EXTRA] = extra
         return coerced
-
-    def coerce_user(self, item: dict) -> dict:
-        """A users-table item as the ``user`` struct: declared fields only, typed by ``_user.json``."""
-        declared = self._user.document["properties"]
-        return self._user.validate({key: _plain(value) for key, value in item.items() if key in declared})
 
     def user_type(self) -> pa.StructType:
         return arrow_type(self._user.document)
