@@ -78,6 +78,45 @@ def test_default_runner_is_prism_and_explicit_runners_are_kept():
     assert flink.view_as(StandardOptions).runner == "FlinkRunner"
 
 
+def _window_total(out_dir: str) -> int:
+    total = 0
+    for name in os.listdir(out_dir):
+        if name.endswith(".json"):
+            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+                total += json.load(handle)["count"]
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_the_last_window_is_written_once_traffic_stops_while_the_stream_runs_on(stack, tmp_path):
+    """No --stop_when_idle_seconds: an idle stream's watermark still passes the last window's end."""
+    client = kinesis_client()
+    producer = Producer(client, stack.config.stream, [f"user-{i}" for i in range(20)], batch=20, interval=0.1)
+    out_dir = str(tmp_path)
+
+    pipeline = beam.Pipeline(options=local_streaming_options())
+    _ = (
+        pipeline
+        | "ReadKinesis" >> ReadFromKinesis(stack.config.stream, idle_watermark_seconds=1.0)
+        | "Window" >> beam.WindowInto(FixedWindows(2))
+        | "KeyAll" >> beam.Map(lambda record: (decode(record.data)[0][:4], 1))
+        | "Group" >> beam.GroupByKey()
+        | "WriteCounts" >> beam.ParDo(WriteWindowCount(out_dir))
+    )
+    producer.start()
+    result = pipeline.run()
+    try:
+        wait_until(lambda: os.listdir(out_dir), timeout=120, what="a first window file")
+        produced = sum(producer.stop().values())
+        wait_until(lambda: _window_total(out_dir) == produced, timeout=60, interval=0.5,
+                   what=f"all {produced} records in closed windows after the producer stopped")
+        assert result.state == PipelineState.RUNNING
+    finally:
+        producer.stop()
+        result.cancel()
+
+
 def test_executed_runner_tells_prism_from_the_fn_api_runner():
     def run(options):
         pipeline = beam.Pipeline(options=options)
