@@ -1,6 +1,6 @@
 """Ingress throughput: events/s accepted and request latency under concurrent clients.
 
-Three measurements in one run, against one moto server in its own process
+The measurements of one run, against one moto server in its own process
 (``runners.local``):
 
 1. ``kinesis``: gunicorn (``ingress.gunicorn_conf``) with the real publisher;
@@ -18,7 +18,10 @@ Three measurements in one run, against one moto server in its own process
 4. ``keepup``: latency at a load the ingress keeps up with: an open-loop steady
    rate of ``keepup_share`` x the throughput measured in 1. (batches of
    ``batch`` on a fixed schedule, fresh stream), so latency is service time,
-   not queueing.
+   not queueing. Side by side at the same request rate, to tell whose latency
+   it is: ``kinesis_keepup`` (PutRecords of ``batch`` records straight to moto,
+   no ingress) and ``keepup_discard`` (the ingress with the discard publisher,
+   no Kinesis).
 
 The closed loop of 1. (``clients`` threads posting back to back) overloads the
 ingress by design: its p50/p99 are mostly time spent queued behind other
@@ -166,6 +169,39 @@ def _kinesis_put_limit(stack: LocalStack, *, duration_s: float) -> dict:
     return {"events_per_s": round(put / elapsed, 1), "calls": calls, "seconds": round(elapsed, 1)}
 
 
+def _kinesis_keepup(stack: LocalStack, *, rate: float, duration_s: float, batch: int) -> dict:
+    """The emulator's own latency at the keep-up load: PutRecords of ``batch`` records straight to moto, open loop
+    at the same request rate as :func:`_keepup`, so the ingress's share of its latency can be told from moto's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kinesis = stack.client("kinesis")
+    records = [{"Data": json.dumps(_event(i), separators=(",", ":")).encode(), "PartitionKey": f"user-{i}"}
+               for i in range(batch)]
+    interval = batch / rate
+    calls = max(1, int(duration_s / interval))
+    latencies: list[float] = []
+
+    def put() -> None:
+        began = time.monotonic()
+        kinesis.put_records(StreamName=stack.config.stream, Records=records)
+        latencies.append(time.monotonic() - began)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = []
+        for n in range(calls):
+            delay = started + n * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(put))
+        for future in futures:
+            future.result(timeout=60)
+    flat = sorted(latencies)
+    return {"rate_events_per_s": round(rate, 1), "calls": calls,
+            "latency_p50_ms": round(_percentile(flat, 0.5) * 1000, 1),
+            "latency_p99_ms": round(_percentile(flat, 0.99) * 1000, 1)}
+
+
 def _keepup(url: str, *, rate: float, duration_s: float, batch: int) -> dict:
     """Open-loop steady ``rate`` (events/s); latency of each request at that load."""
     from bench.stream import post_steadily
@@ -196,6 +232,16 @@ def summary(results: dict) -> dict:
             "ingress_keepup_p50_ms": results["keepup"]["latency_p50_ms"],
             "ingress_keepup_p99_ms": results["keepup"]["latency_p99_ms"],
         })
+    if "keepup_discard" in results:
+        flat.update({
+            "ingress_alone_keepup_p50_ms": results["keepup_discard"]["latency_p50_ms"],
+            "ingress_alone_keepup_p99_ms": results["keepup_discard"]["latency_p99_ms"],
+        })
+    if "kinesis_keepup" in results:
+        flat.update({
+            "kinesis_keepup_p50_ms": results["kinesis_keepup"]["latency_p50_ms"],
+            "kinesis_keepup_p99_ms": results["kinesis_keepup"]["latency_p99_ms"],
+        })
     if "discard" in results:
         flat["ingress_discard_events_per_s"] = results["discard"]["events_per_s"]
     return flat
@@ -216,11 +262,12 @@ def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, worker
                                       "shards": shards, "cpus": os.cpu_count()}}
         results["kinesis_put_limit_events_per_s"] = _kinesis_put_limit(
             _fresh_stream(stack, "bench-put-loop", shards), duration_s=kinesis_loop_s or duration_s)["events_per_s"]
-        modes = ["kinesis"] + (["keepup"] if keepup_share > 0 else []) + (["discard"] if discard else [])
+        modes = (["kinesis"] + (["keepup"] if keepup_share > 0 else []) + (["discard"] if discard else [])
+                 + (["keepup_discard"] if keepup_share > 0 and discard else []))
         for mode in modes:
             target = _fresh_stream(stack, f"bench-{mode}", shards)
             env = {**os.environ, **target.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0",
-                   "EVENTLAKE_PUBLISHER": "kinesis" if mode == "keepup" else mode}
+                   "EVENTLAKE_PUBLISHER": {"keepup": "kinesis", "keepup_discard": "discard"}.get(mode, mode)}
             port = free_port()
             proc = _start_gunicorn(env, port, workers, threads)
             try:
@@ -228,6 +275,12 @@ def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, worker
                     rate = max(batch, keepup_share * results["kinesis"]["events_per_s"])
                     results["keepup"] = _keepup(f"http://127.0.0.1:{port}/v1/events", rate=rate,
                                                 duration_s=keepup_s, batch=batch)
+                    results["kinesis_keepup"] = _kinesis_keepup(
+                        _fresh_stream(stack, "bench-keepup-direct", shards), rate=rate, duration_s=keepup_s,
+                        batch=batch)
+                elif mode == "keepup_discard":  # the ingress alone at the same load: no Kinesis call at all
+                    results[mode] = _keepup(f"http://127.0.0.1:{port}/v1/events", rate=results["keepup"][
+                        "rate_events_per_s"], duration_s=keepup_s, batch=batch)
                 else:
                     results[mode] = _load(f"http://127.0.0.1:{port}/v1/events", clients=clients, batch=batch,
                                           duration_s=duration_s)

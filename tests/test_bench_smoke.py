@@ -34,10 +34,12 @@ def test_ingress_bench_returns_its_figures(moto_server):
                                    dead_letter_queue="smoke-ingress-dlq", bucket="smoke-ingress-lake"),
                        server=moto_server).start()
     results = ingress.run(duration_s=2, clients=2, batch=10, workers=1, threads=4, shards=1, kinesis_loop_s=1,
-                          keepup_s=2, discard=False, stack=stack)
+                          keepup_s=2, discard=True, stack=stack)
     for key in ("ingress_events_per_s", "ingress_p50_ms", "ingress_p99_ms", "kinesis_put_limit_events_per_s",
-                "ingress_to_limit_ratio", "ingress_keepup_p50_ms", "ingress_keepup_p99_ms"):
+                "ingress_to_limit_ratio", "ingress_keepup_p50_ms", "ingress_keepup_p99_ms", "kinesis_keepup_p99_ms",
+                "ingress_alone_keepup_p99_ms", "ingress_discard_events_per_s"):
         assert key in results, key
+    assert results["kinesis_keepup"]["calls"] > 0
     assert results["kinesis"]["statuses"].get("202", 0) > 0
     assert results["keepup"]["failed_requests"] == 0
 
