@@ -44,6 +44,11 @@ class EventsOptions(PipelineOptions):
                             help="how late an event may arrive and still be written (as a later pane)")
         parser.add_argument("--start_position", default="trim_horizon",
                             help="trim_horizon, latest, or at_timestamp=<RFC 3339>")
+        parser.add_argument("--idle_watermark_seconds", type=float, default=None,
+                            help="let a shard idle this long advance the watermark to now minus this, so the last "
+                                 "window is written while the stream stays idle (off by default: catching up a "
+                                 "backlog across shards can then drop rows as late; pair it with "
+                                 "--allowed_lateness_seconds)")
         parser.add_argument("--stop_when_idle_seconds", type=float, default=None,
                             help="end the stream after N idle seconds so all windows flush (demos, tests)")
         parser.add_argument("--pseudonymization_secret", default=None,
