@@ -154,11 +154,16 @@ def _fresh_stream(stack: LocalStack, name: str, shards: int) -> LocalStack:
     return LocalStack(config, server=stack.server).start()
 
 
+def _put_entries(count: int) -> list[dict]:
+    """PutRecords entries of ``count`` bench events, the same events the ingress is sent."""
+    return [{"Data": json.dumps(_event(i), separators=(",", ":")).encode(), "PartitionKey": f"user-{i}"}
+            for i in range(count)]
+
+
 def _kinesis_put_limit(stack: LocalStack, *, duration_s: float) -> dict:
     """Tight PutRecords loop, 500 records per call, one thread."""
     kinesis = stack.client("kinesis")
-    records = [{"Data": json.dumps(_event(i), separators=(",", ":")).encode(), "PartitionKey": f"user-{i}"}
-               for i in range(500)]
+    records = _put_entries(500)
     put, calls = 0, 0
     started = time.monotonic()
     while time.monotonic() - started < duration_s:
@@ -175,8 +180,7 @@ def _kinesis_keepup(stack: LocalStack, *, rate: float, duration_s: float, batch:
     from concurrent.futures import ThreadPoolExecutor
 
     kinesis = stack.client("kinesis")
-    records = [{"Data": json.dumps(_event(i), separators=(",", ":")).encode(), "PartitionKey": f"user-{i}"}
-               for i in range(batch)]
+    records = _put_entries(batch)
     interval = batch / rate
     calls = max(1, int(duration_s / interval))
     latencies: list[float] = []

@@ -30,6 +30,34 @@ class WriteWindowCount(beam.DoFn):
         os.replace(path + ".tmp", path)
 
 
+def _producer(stack) -> Producer:
+    """Puts 20 records every 0.1 s, one key per user, until stopped."""
+    return Producer(kinesis_client(), stack.config.stream, [f"user-{i}" for i in range(20)], batch=20, interval=0.1)
+
+
+def _window_counts(stack, out_dir: str, **read_options) -> beam.Pipeline:
+    """Kinesis -> 2 s fixed windows -> one file per closed window holding its record count."""
+    pipeline = beam.Pipeline(options=local_streaming_options())
+    _ = (
+        pipeline
+        | "ReadKinesis" >> ReadFromKinesis(stack.config.stream, **read_options)
+        | "Window" >> beam.WindowInto(FixedWindows(2))
+        | "KeyAll" >> beam.Map(lambda record: (decode(record.data)[0][:4], 1))
+        | "Group" >> beam.GroupByKey()
+        | "WriteCounts" >> beam.ParDo(WriteWindowCount(out_dir))
+    )
+    return pipeline
+
+
+def _window_total(out_dir: str) -> int:
+    total = 0
+    for name in os.listdir(out_dir):
+        if name.endswith(".json"):
+            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+                total += json.load(handle)["count"]
+    return total
+
+
 def test_prism_binary_is_built_for_the_installed_beam():
     assert os.access(prism_location(), os.X_OK)
 
@@ -37,19 +65,9 @@ def test_prism_binary_is_built_for_the_installed_beam():
 @pytest.mark.slow
 @pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
 def test_a_closed_window_is_written_while_the_producer_still_runs(stack, tmp_path):
-    client = kinesis_client()
-    producer = Producer(client, stack.config.stream, [f"user-{i}" for i in range(20)], batch=20, interval=0.1)
+    producer = _producer(stack)
     out_dir = str(tmp_path)
-
-    pipeline = beam.Pipeline(options=local_streaming_options())
-    _ = (
-        pipeline
-        | "ReadKinesis" >> ReadFromKinesis(stack.config.stream, stop_when_idle_seconds=4.0, idle_watermark_seconds=1.0)
-        | "Window" >> beam.WindowInto(FixedWindows(2))
-        | "KeyAll" >> beam.Map(lambda record: (decode(record.data)[0][:4], 1))
-        | "Group" >> beam.GroupByKey()
-        | "WriteCounts" >> beam.ParDo(WriteWindowCount(out_dir))
-    )
+    pipeline = _window_counts(stack, out_dir, stop_when_idle_seconds=4.0, idle_watermark_seconds=1.0)
     producer.start()
     result = pipeline.run()
     try:
@@ -60,12 +78,7 @@ def test_a_closed_window_is_written_while_the_producer_still_runs(stack, tmp_pat
         produced = producer.stop()
     result.wait_until_finish()
     assert executed_runner(result) == PRISM
-    total = 0
-    for name in os.listdir(out_dir):
-        if name.endswith(".json"):
-            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
-                total += json.load(handle)["count"]
-    assert total == sum(produced.values())
+    assert _window_total(out_dir) == sum(produced.values())
 
 
 def test_default_runner_is_prism_and_explicit_runners_are_kept():
@@ -78,32 +91,13 @@ def test_default_runner_is_prism_and_explicit_runners_are_kept():
     assert flink.view_as(StandardOptions).runner == "FlinkRunner"
 
 
-def _window_total(out_dir: str) -> int:
-    total = 0
-    for name in os.listdir(out_dir):
-        if name.endswith(".json"):
-            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
-                total += json.load(handle)["count"]
-    return total
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
 def test_the_last_window_is_written_once_traffic_stops_while_the_stream_runs_on(stack, tmp_path):
     """No --stop_when_idle_seconds: an idle stream's watermark still passes the last window's end."""
-    client = kinesis_client()
-    producer = Producer(client, stack.config.stream, [f"user-{i}" for i in range(20)], batch=20, interval=0.1)
+    producer = _producer(stack)
     out_dir = str(tmp_path)
-
-    pipeline = beam.Pipeline(options=local_streaming_options())
-    _ = (
-        pipeline
-        | "ReadKinesis" >> ReadFromKinesis(stack.config.stream, idle_watermark_seconds=1.0)
-        | "Window" >> beam.WindowInto(FixedWindows(2))
-        | "KeyAll" >> beam.Map(lambda record: (decode(record.data)[0][:4], 1))
-        | "Group" >> beam.GroupByKey()
-        | "WriteCounts" >> beam.ParDo(WriteWindowCount(out_dir))
-    )
+    pipeline = _window_counts(stack, out_dir, idle_watermark_seconds=1.0)
     producer.start()
     result = pipeline.run()
     try:
