@@ -59,7 +59,7 @@ def build_pipeline(p: beam.Pipeline, opts: EventsOptions) -> EventsOutput:
             opts.input_stream,
             start_position=opts.start_position,
             stop_when_idle_seconds=opts.stop_when_idle_seconds,
-            idle_watermark_seconds=opts.idle_watermark_seconds,
+            idle_watermark_seconds=opts.idle_watermark_seconds or None,  # 0: off
         )
     else:
         records = p | "ReadBackfill" >> ReadBackfillFiles(opts.input)
@@ -94,8 +94,8 @@ def _validate(opts: EventsOptions) -> None:
         raise ValueError("missing option(s): " + ", ".join("--" + m for m in missing))
     if opts.window_seconds <= 0:
         raise ValueError(f"--window_seconds must be positive, got {opts.window_seconds}")
-    if opts.idle_watermark_seconds is not None and opts.idle_watermark_seconds <= 0:
-        raise ValueError(f"--idle_watermark_seconds must be positive, got {opts.idle_watermark_seconds}")
+    if opts.idle_watermark_seconds is not None and opts.idle_watermark_seconds < 0:
+        raise ValueError(f"--idle_watermark_seconds must be >= 0 (0: off), got {opts.idle_watermark_seconds}")
     if opts.allowed_lateness_seconds < 0:
         raise ValueError(f"--allowed_lateness_seconds must be >= 0, got {opts.allowed_lateness_seconds}")
 

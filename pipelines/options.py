@@ -5,6 +5,8 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.kinesis import DEFAULT_IDLE_WATERMARK_SECONDS
+
 DEFAULT_SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
 
 
@@ -44,11 +46,10 @@ class EventsOptions(PipelineOptions):
                             help="how late an event may arrive and still be written (as a later pane)")
         parser.add_argument("--start_position", default="trim_horizon",
                             help="trim_horizon, latest, or at_timestamp=<RFC 3339>")
-        parser.add_argument("--idle_watermark_seconds", type=float, default=None,
-                            help="let a shard idle this long advance the watermark to now minus this, so the last "
-                                 "window is written while the stream stays idle (off by default: catching up a "
-                                 "backlog across shards can then drop rows as late; pair it with "
-                                 "--allowed_lateness_seconds)")
+        parser.add_argument("--idle_watermark_seconds", type=float, default=DEFAULT_IDLE_WATERMARK_SECONDS,
+                            help="a shard caught up and idle this long moves the watermark to now minus this, so "
+                                 "the last window is written while the stream stays quiet (0 turns it off: the "
+                                 "last window then waits for traffic or the end of the read)")
         parser.add_argument("--stop_when_idle_seconds", type=float, default=None,
                             help="end the stream after N idle seconds so all windows flush (demos, tests)")
         parser.add_argument("--pseudonymization_secret", default=None,

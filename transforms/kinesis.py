@@ -22,31 +22,25 @@ One restriction per shard (per lineage once a stream has been resharded):
   fetched, so nothing is read twice or skipped;
 - event time = the envelope's ``received_at`` (a regex, not a JSON parse),
   else ``ApproximateArrivalTimestamp``; the watermark is the minimum over the
-  reader's shards of the last event time emitted; only when
-  ``idle_watermark_seconds`` is set (off by default, see below) does a shard
-  that is caught up and idle let it advance to ``now - idle_watermark_seconds``;
-  a record whose event time is behind the watermark already reported (a
-  straggler) is emitted
-  at the watermark instead, so that no downstream GroupByKey ever sees it late
-  and drops it (counted as ``kinesis.timestamps_clamped_to_watermark``);
+  reader's shards of the last event time emitted; a shard that is caught up
+  and has been idle for ``idle_watermark_seconds`` lets it advance to
+  ``now - idle_watermark_seconds``, so the last window of a quiet stream is
+  written; a record whose event time is behind the watermark already reported
+  (a straggler) is emitted at the watermark instead, so that no downstream
+  GroupByKey ever sees it late and drops it (counted as
+  ``kinesis.timestamps_clamped_to_watermark``);
 - a closed and drained shard is done; its children are read after it;
 - ``stop_when_idle_seconds`` ends a reader once all its shards are caught up
   and have delivered nothing for that long (demos, tests).
 
-Why the idle advance is off by default: each shard lineage has its own reader,
-and the runner's watermark is the minimum over readers. Catching up a backlog
-of a 4-shard stream on Prism, a reader whose shard was drained advanced to
-``now - 2 s`` while another was still reading older records, and the lake's
-GroupByKey dropped those as late: 3 of 5 runs lost rows (188, 1,239 and
-31,438 of 47,422), 0 of 3 with it on but ``--allowed_lateness_seconds=3600``
-(the rows came as late panes). With the advance off, 2 of 6 runs of
-``tests/test_events_catch_up.py`` still lost rows until ``get_checkpoint_mark``
-brought the watermark up to date (8 of 9 whole since: a loss remains, cause
-unknown); the advance was not
-re-measured after that fix. Without it, on an idle stream the last window is written only
-when traffic resumes or the read stops (``stop_when_idle_seconds``), as SPEC's
-description of that option implies. Turn it on for a stream whose shards
-never lag far behind one another, with a matching allowed lateness.
+On the local runner the readers also align their watermarks
+(``transforms.kinesis_watermarks``): Prism sets the read stage's watermark from
+whichever reader's bundle completed last, so a reader ahead in event time (a
+drained shard, a small one) made the records of a reader behind it late, and
+the lake dropped them (2,904 of 25,500 rows written when catching up one big
+and three small shards; this was the catch-up loss of earlier versions, with or
+without the idle advance). Each reader now reports at most what its siblings
+have committed.
 
 Known limit: a merge of two shards owned by different readers is read by the
 owner of ``ParentShardId`` once that parent is drained, without waiting for the
@@ -55,11 +49,14 @@ other reader to drain ``AdjacentParentShardId`` (as Beam Java's KinesisIO).
 from __future__ import annotations
 
 import collections
+import copy
 import datetime as dt
+import functools
 import logging
 import os
 import random
 import time
+import uuid
 from typing import Callable, NamedTuple, Optional
 
 import apache_beam as beam
@@ -79,6 +76,7 @@ from transforms.kinesis_checkpoint import (
     ShardPosition,
 )
 from transforms.kinesis_shards import ShardInfo, adopted_children, lineage_groups, list_shards, owned_parents
+from transforms.kinesis_watermarks import SiblingGroup, aligned as aligned_watermark, publish as publish_watermark
 from transforms.records import SourceRecord
 
 LOG = logging.getLogger("eventlake.transforms.kinesis")
@@ -91,6 +89,9 @@ _TRANSIENT = {"InternalFailure", "ServiceUnavailable", "KMSThrottlingException",
 
 TRIM_HORIZON = "trim_horizon"
 LATEST = "latest"
+# A shard caught up and idle this long lets the watermark advance to now minus this. Five seconds is well above the
+# ingress -> Kinesis -> reader latency, so stragglers (clamped, never dropped) stay rare.
+DEFAULT_IDLE_WATERMARK_SECONDS = 5.0
 
 
 class StartPosition(NamedTuple):
@@ -133,6 +134,7 @@ class ReaderConfig(NamedTuple):
     poll_interval_seconds: float = MIN_POLL_INTERVAL_SECONDS
     records_per_call: int = 10_000
     shard_refresh_seconds: float = 5.0
+    align_watermarks: bool = False  # report the minimum over sibling readers (transforms.kinesis_watermarks)
 
 
 def _error_code(exc: Exception) -> Optional[str]:
@@ -172,6 +174,7 @@ class KinesisSource(UnboundedSource):
         config: ReaderConfig,
         *,
         shard_ids: Optional[tuple[str, ...]] = None,
+        siblings: Optional[SiblingGroup] = None,
         endpoint_url: Optional[str] = None,
         region: Optional[str] = None,
         client_factory: Optional[Callable] = None,
@@ -180,6 +183,7 @@ class KinesisSource(UnboundedSource):
         self.start = start
         self.config = config
         self.shard_ids = tuple(shard_ids) if shard_ids is not None else None
+        self.siblings = siblings
         self.endpoint_url = endpoint_url
         self.region = region
         self.client_factory = client_factory
@@ -187,12 +191,18 @@ class KinesisSource(UnboundedSource):
     def make_client(self):
         return (self.client_factory or default_kinesis_client)(self.endpoint_url, self.region)
 
-    def _with_shards(self, shard_ids) -> "KinesisSource":
+    @property
+    def member(self) -> str:
+        """This split's name among its siblings: its shard ids."""
+        return ",".join(self.shard_ids or ())
+
+    def _with_shards(self, shard_ids, siblings: Optional[SiblingGroup] = None) -> "KinesisSource":
         return KinesisSource(
             self.stream,
             self.start,
             self.config,
             shard_ids=tuple(shard_ids),
+            siblings=siblings,
             endpoint_url=self.endpoint_url,
             region=self.region,
             client_factory=self.client_factory,
@@ -205,7 +215,10 @@ class KinesisSource(UnboundedSource):
         shards = _retrying(lambda: list_shards(client, self.stream))
         groups = lineage_groups(shards, open_only=self.start.kind == LATEST)
         LOG.info("stream has %d shards in %d lineages", len(shards), len(groups))
-        return [self._with_shards(group) for group in groups] or [self]
+        siblings = None
+        if self.config.align_watermarks and len(groups) > 1:
+            siblings = SiblingGroup(uuid.uuid4().hex, tuple(",".join(group) for group in groups))
+        return [self._with_shards(group, siblings) for group in groups] or [self]
 
     def create_reader(self, options, checkpoint_mark):
         return KinesisReader(self, checkpoint_mark)
@@ -217,7 +230,7 @@ class KinesisSource(UnboundedSource):
         return isinstance(other, KinesisSource) and self.__dict__ == other.__dict__
 
     def __hash__(self):
-        return hash((self.stream, self.start, self.shard_ids))
+        return hash((self.stream, self.start, self.shard_ids, self.siblings))
 
 
 class _Shard:
@@ -293,6 +306,14 @@ class KinesisReader(UnboundedReader):
         return Timestamp(micros=self._current[1] * 1000)
 
     def get_watermark(self) -> Timestamp:
+        own = self._own_watermark()
+        siblings = self.source.siblings
+        if siblings is None or own >= MAX_TIMESTAMP:
+            return own  # a finished reader must say MAX to end; it emits nothing more and leaves no residual
+        return aligned_watermark(siblings, self.source.member, own)
+
+    def _own_watermark(self) -> Timestamp:
+        """The minimum over this reader's shards (MAX once it is finished); also the clamp floor."""
         if self._finished or self._all_done() or self._idle_long_enough():
             self._finished = True
             return MAX_TIMESTAMP
@@ -319,11 +340,14 @@ class KinesisReader(UnboundedReader):
     def get_checkpoint_mark(self) -> KinesisCheckpointMark:
         # Beam's wrapper cuts the mark *before* it asks for the watermark that the runner then holds for the
         # residual. Bring the watermark up to date first, so that a reader rebuilt from this mark (the reader cache
-        # missed) never clamps to, and emits at, a watermark older than the runner's: those records were late and
-        # the lake's GroupByKey dropped them (tests/test_events_catch_up.py, 2 of 6 runs before this).
-        self.get_watermark()
+        # missed) never clamps to, and emits at, a watermark older than the one the runner holds.
+        own = self._own_watermark()
         watermark_ms = self._watermark.micros // 1000 if MIN_TIMESTAMP < self._watermark < MAX_TIMESTAMP else None
-        return KinesisCheckpointMark((shard.position for shard in self._shards.values()), watermark_ms)
+        mark = KinesisCheckpointMark((shard.position for shard in self._shards.values()), watermark_ms)
+        if self.source.siblings is not None:
+            # Published once the runner has committed the bundle this mark ends (transforms.kinesis_watermarks).
+            mark.on_finalize = functools.partial(publish_watermark, self.source.siblings, self.source.member, own)
+        return mark
 
     def close(self) -> None:
         if self._client is not None and hasattr(self._client, "close"):
@@ -545,6 +569,17 @@ def _event_time_ms(data: bytes, arrival: Optional[dt.datetime]) -> int:
     return int(time.time() * 1000)
 
 
+def runs_readers_in_one_process(options) -> bool:
+    """True for the local runners (Prism, DirectRunner): one LOOPBACK worker process runs every reader."""
+    from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
+
+    runner = (options.view_as(StandardOptions).runner or "DirectRunner") if options is not None else "DirectRunner"
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    environment = options.view_as(PortableOptions).environment_type if options is not None else None
+    local = name.rsplit(".", 1)[-1] in ("PrismRunner", "DirectRunner", "SwitchingDirectRunner")
+    return local and environment in (None, "LOOPBACK")
+
+
 def _datetime(epoch_ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.timezone.utc)
 
@@ -553,9 +588,20 @@ class ReadFromKinesis(beam.PTransform):
     """Reads a Kinesis stream as ``SourceRecord`` elements timestamped with ``received_at``.
 
     ``stop_when_idle_seconds`` ends the (otherwise unbounded) read once every
-    shard has been idle that long, so all windows flush. ``client_factory``
+    shard has been idle that long, so all windows flush.
+    ``idle_watermark_seconds`` (``None`` turns it off) lets an idle shard
+    advance the watermark, so a quiet stream's last window is written.
+    ``client_factory``
     (``(endpoint_url, region) -> client``, picklable) replaces the boto3 client,
     e.g. to inject faults in tests.
+
+    ``align_watermarks``: each reader reports the minimum watermark over all
+    readers of the stream (``transforms.kinesis_watermarks``: Prism otherwise
+    lets the last reader to checkpoint set the watermark and drops the slower
+    readers' records as late). ``None`` (the default) decides from the runner:
+    on for Prism and the DirectRunner, whose workers run in one process; off for
+    the others, which hold a watermark per reader and run readers in several
+    processes.
     """
 
     def __init__(
@@ -566,12 +612,13 @@ class ReadFromKinesis(beam.PTransform):
         stop_when_idle_seconds: Optional[float] = None,
         endpoint_url: Optional[str] = None,
         region: Optional[str] = None,
-        idle_watermark_seconds: Optional[float] = None,
+        idle_watermark_seconds: Optional[float] = DEFAULT_IDLE_WATERMARK_SECONDS,
         poll_interval_seconds: float = MIN_POLL_INTERVAL_SECONDS,
         records_per_call: int = 10_000,
         max_records_per_bundle: int = 10_000,
         max_bundle_seconds: float = 5.0,
         client_factory: Optional[Callable] = None,
+        align_watermarks: Optional[bool] = None,
     ):
         super().__init__()
         if not stream or not isinstance(stream, str):
@@ -600,14 +647,21 @@ class ReadFromKinesis(beam.PTransform):
         self._poll_interval = poll_interval_seconds
         self._max_records = max_records_per_bundle
         self._max_seconds = max_bundle_seconds
+        self._align = align_watermarks
 
     @property
     def source(self) -> KinesisSource:
         return self._source
 
     def expand(self, pbegin):
+        align = self._align if self._align is not None else runs_readers_in_one_process(pbegin.pipeline.options)
+        source = self._source
+        if align != source.config.align_watermarks:
+            source = copy.copy(source)
+            source.config = source.config._replace(align_watermarks=align)
+        LOG.info("Kinesis readers align their watermarks: %s", align)
         return pbegin | "ReadShards" >> ReadFromUnboundedSource(
-            self._source,
+            source,
             poll_interval=self._poll_interval,
             max_records_per_bundle=self._max_records,
             max_read_time_seconds=self._max_seconds,

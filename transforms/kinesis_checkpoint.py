@@ -11,7 +11,7 @@ reader cache on them).
 from __future__ import annotations
 
 import json
-from typing import Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 from apache_beam.coders.coders import Coder
 from apache_beam.io.unbounded_source import CheckpointMark
@@ -43,6 +43,8 @@ class KinesisCheckpointMark(CheckpointMark):
     def __init__(self, positions: Iterable[ShardPosition], watermark_ms: Optional[int] = None):
         self.positions = tuple(sorted(positions))
         self.watermark_ms = watermark_ms
+        # Called once the runner has committed the bundle that cut this mark; in memory only, never encoded.
+        self.on_finalize: Optional[Callable[[], None]] = None
         for position in self.positions:
             if position.kind not in _KINDS:
                 raise ValueError(f"unknown shard position kind {position.kind!r}")
@@ -54,8 +56,10 @@ class KinesisCheckpointMark(CheckpointMark):
         return None
 
     def finalize_checkpoint(self) -> None:
-        # Kinesis has no acknowledgement: the mark itself is the durable position.
-        pass
+        # Kinesis has no acknowledgement: the mark itself is the durable position. What runs here is the
+        # reader's sibling-watermark publication (transforms.kinesis_watermarks), when it has one.
+        if self.on_finalize is not None:
+            self.on_finalize()
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, KinesisCheckpointMark) and other.positions == self.positions
