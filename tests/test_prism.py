@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import apache_beam as beam
 import pytest
 from apache_beam.runners.runner import PipelineState
+from apache_beam.runners.worker import bundle_processor
 from apache_beam.transforms.window import FixedWindows
 
 from runners.local import wait_until
 from runners.profiles import FN_API, PRISM, apply_default_runner, executed_runner, local_streaming_options
 from runners.prism import prism_location
-from tests.test_kinesis_support import Producer, decode, kinesis_client
+from tests.test_kinesis_support import Producer, decode, envelope, kinesis_client, put_all
 from transforms.kinesis import ReadFromKinesis
 
 
@@ -123,3 +125,49 @@ def test_executed_runner_tells_prism_from_the_fn_api_runner():
 
     assert run(local_streaming_options(streaming=False)) == PRISM
     assert run(PipelineOptions(["--runner=FnApiRunner"])) == FN_API
+
+
+class SlowFirstRecord(beam.DoFn):
+    """Takes 3 s over the first record a worker sees (a cold cache, a slow first lookup)."""
+
+    def setup(self):
+        self.first = True
+
+    def process(self, record):
+        if self.first:
+            self.first = False
+            time.sleep(3.0)  # no progress for many of Prism's progress ticks: Prism wants to split
+        yield decode(record.data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_prism_never_asks_the_kinesis_read_to_split(stack, tmp_path, monkeypatch):
+    """Prism asks to split a bundle that shows no progress, and Beam 2.77's SDK can fail the whole job computing
+    that split ("cannot convert float NaN to integer", seen in `make demo`; see runners.profiles.NO_SDF_SPLIT).
+    The read declines those splits anyway, so the local profile switches them off: with a record that stalls the
+    bundle for 3 s (4 split requests without the setting), the SDK gets none. LOOPBACK runs the SDK worker in this
+    process, which is what lets the test count them."""
+    requests = []
+    original = bundle_processor.DataInputOperation.try_split
+
+    def counting_try_split(self, *args, **kwargs):
+        requests.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_processor.DataInputOperation, "try_split", counting_try_split)
+    client = kinesis_client()
+    put_all(client, stack.config.stream, [{"Data": envelope(f"user-{n % 7}", n), "PartitionKey": f"user-{n % 7}"}
+                                          for n in range(300)])
+    pipeline = beam.Pipeline(options=local_streaming_options())
+    _ = (
+        pipeline
+        | "ReadKinesis" >> ReadFromKinesis(stack.config.stream, stop_when_idle_seconds=2.0)
+        | "SlowFirst" >> beam.ParDo(SlowFirstRecord())
+        | "Touch" >> beam.Map(lambda item, out=str(tmp_path): open(os.path.join(out, f"{item[0]}-{item[1]}"), "w")
+                              .close())
+    )
+    result = pipeline.run()
+    assert result.wait_until_finish() == PipelineState.DONE
+    assert len(os.listdir(tmp_path)) == 300
+    assert requests == []
