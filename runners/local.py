@@ -1,6 +1,7 @@
 """The embedded local stack: AWS emulated on loopback by a moto server process.
 
-Starts ``moto.server`` as a separate process on a free 127.0.0.1 port, creates the
+Starts ``moto.server`` (through ``runners.moto_server``, which makes its Kinesis shards safe for
+concurrent writers) as a separate process on a free 127.0.0.1 port, creates the
 Kinesis stream, the DynamoDB users table, the SQS dead-letter queue and the S3
 bucket, optionally seeds users, and stops cleanly. Tests use it through fixtures
 (``tests/conftest.py``); people use it as a command::
@@ -60,7 +61,7 @@ class MotoServer:
 
     def command(self) -> list[str]:
         """The server's command line (a subclass may start a patched moto the same way)."""
-        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        return [sys.executable, "-m", "runners.moto_server", "-H", "127.0.0.1", "-p", str(self.port)]
 
     def start(self, timeout: float = 60.0) -> "MotoServer":
         log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL

@@ -70,6 +70,6 @@ def patch_moto() -> None:
 
 if __name__ == "__main__":
     patch_moto()
-    from moto.server import main
+    from runners.moto_server import main
 
     sys.exit(main(sys.argv[1:]))
