@@ -180,9 +180,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 60.0, window_s: int = 10, b
             f"--users_table={stack.config.users_table}", f"--output={lake}",
             f"--dead_letter={os.path.join(workdir, 'dead_letters')}", f"--schema_dir={SCHEMA_DIR}",
             f"--window_seconds={window_s}",  # no idle stop: the bench stops it when measured
-            # The warm-up batch is followed by silence: the (opt-in) idle advance lets its window close. The
-            # stream here starts empty and is read as it fills, so no shard lags far behind another.
-            "--idle_watermark_seconds=2",
+            # The warm-up batch is followed by silence: the idle advance (default 5 s) lets its window close.
         ], env=env, log_path=os.path.join(workdir, "pipeline.log"), cwd=ROOT)
         with PeakMemory(pipeline.proc.pid) as peak, LakeWatcher(lake) as watcher:
             warm = post_steadily(url, mix, rate=100, duration_s=1, batch=100, clients=1)
