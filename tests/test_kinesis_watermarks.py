@@ -11,8 +11,15 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 
+from tests.test_kinesis_clamp import FakeClock
 from tests.test_kinesis_support import drain, envelope, kinesis_client, put_all
-from transforms.kinesis import KinesisSource, ReaderConfig, StartPosition, runs_readers_in_one_process
+from transforms.kinesis import (
+    KinesisReader,
+    KinesisSource,
+    ReaderConfig,
+    StartPosition,
+    runs_readers_in_one_process,
+)
 from transforms.kinesis_watermarks import SiblingGroup, aligned, publish, published
 
 
@@ -49,7 +56,10 @@ def test_groups_of_different_runs_never_see_each_other():
 @pytest.mark.parametrize("argv, expected", [
     ([], True),
     (["--runner=PrismRunner"], True),
+    (["--runner=prism"], True),
+    (["--runner=apache_beam.runners.portability.prism_runner.PrismRunner"], True),
     (["--runner=DirectRunner"], True),
+    (["--runner=direct"], True),
     (["--runner=PrismRunner", "--environment_type=PROCESS"], False),
     (["--runner=FlinkRunner"], False),
     (["--runner=SparkRunner"], False),
@@ -96,3 +106,45 @@ def test_readers_report_what_the_sibling_committed_when_the_runner_finalized_its
 def test_without_alignment_a_split_has_no_siblings(stack):
     source = KinesisSource(stack.config.stream, StartPosition.parse("trim_horizon"), ReaderConfig())
     assert all(sub.siblings is None for sub in source.split(2))
+
+
+def _aligned_readers(stack, clock, **config):
+    source = KinesisSource(stack.config.stream, StartPosition.parse("trim_horizon"),
+                           ReaderConfig(align_watermarks=True, **config))
+    return [KinesisReader(sub, None, clock=clock) for sub in source.split(2)]
+
+
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_a_reader_that_turns_idle_at_a_deferral_cut_publishes_its_floor_not_max(stack):
+    """The reader became idle-long-enough between the runner's watermark question (not MAX) and the cut. The cut's
+    mark cannot say "finished", so a reader rebuilt from it (reader-cache miss) reads on: its siblings must keep
+    waiting for it, i.e. see its floor, not MAX."""
+    clock = FakeClock()
+    first, second = _aligned_readers(stack, clock, stop_when_idle_seconds=5.0)
+    assert first.start() is False and second.start() is False  # an empty stream
+    assert first.get_watermark() < MAX_TIMESTAMP  # the runner asks: not finished yet
+    clock.advance(6.0)  # ... and it turns idle long enough before the cut
+    first.get_checkpoint_mark().finalize_checkpoint()
+    assert published(first.source.siblings).get(first.source.member, MIN_TIMESTAMP) < MAX_TIMESTAMP
+    assert first.advance() is False
+    assert first.get_watermark() == MAX_TIMESTAMP  # the final, empty claim: now it may say MAX
+    first.get_checkpoint_mark().finalize_checkpoint()
+    assert published(first.source.siblings)[first.source.member] == MAX_TIMESTAMP
+    for reader in (first, second):
+        reader.close()
+
+
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_a_reader_finished_by_its_last_record_says_max_only_on_the_next_empty_claim(stack):
+    """On a claim that returned a record the bundle may still cut a residual, and Prism takes a residual's
+    watermark as the stage's: MAX there would make every other reader's records late."""
+    clock = FakeClock()
+    first, second = _aligned_readers(stack, clock)
+    assert first.start() is False and second.start() is False
+    first._has_current = True  # as if advance() had just returned the last record of its last shard
+    first._finished = True  # ... and that shard was closed, drained and had no child to adopt
+    assert first.get_watermark() < MAX_TIMESTAMP
+    assert first.advance() is False
+    assert first.get_watermark() == MAX_TIMESTAMP
+    for reader in (first, second):
+        reader.close()

@@ -263,6 +263,8 @@ class KinesisReader(UnboundedReader):
         self._shards: dict[str, _Shard] = {}
         self._current: Optional[tuple[SourceRecord, int]] = None
         self._watermark = MIN_TIMESTAMP
+        self._has_current = False  # the last start()/advance() returned a record
+        self._said_max = False  # get_watermark told the runner MAX (aligned readers: the final claim)
         self._last_data_at = clock()
         self._finished = False
         self._rotation = 0
@@ -290,6 +292,10 @@ class KinesisReader(UnboundedReader):
         return self.advance()
 
     def advance(self) -> bool:
+        self._has_current = self._advance()
+        return self._has_current
+
+    def _advance(self) -> bool:
         if self._finished:
             return False  # the watermark already said MAX: nothing may follow
         for _ in range(len(self._shards) + 2):  # each pass polls at most one shard
@@ -308,9 +314,16 @@ class KinesisReader(UnboundedReader):
     def get_watermark(self) -> Timestamp:
         own = self._own_watermark()
         siblings = self.source.siblings
-        if siblings is None or own >= MAX_TIMESTAMP:
-            return own  # a finished reader must say MAX to end; it emits nothing more and leaves no residual
-        return aligned_watermark(siblings, self.source.member, own)
+        if siblings is None:
+            return own
+        if own >= MAX_TIMESTAMP and not self._has_current:
+            # A finished reader must say MAX to end, and Beam's wrapper ends the restriction on this very claim (it
+            # had no record): no residual carries MAX to the runner. On a claim *with* a record (the last one of
+            # the last shard) the bundle may still cut a residual, and Prism would take its MAX as the stage's
+            # watermark: report the floor until the next, empty claim.
+            self._said_max = True
+            return own
+        return aligned_watermark(siblings, self.source.member, min(own, self._watermark))
 
     def _own_watermark(self) -> Timestamp:
         """The minimum over this reader's shards (MAX once it is finished); also the clamp floor."""
@@ -341,12 +354,16 @@ class KinesisReader(UnboundedReader):
         # Beam's wrapper cuts the mark *before* it asks for the watermark that the runner then holds for the
         # residual. Bring the watermark up to date first, so that a reader rebuilt from this mark (the reader cache
         # missed) never clamps to, and emits at, a watermark older than the one the runner holds.
-        own = self._own_watermark()
+        self._own_watermark()
         watermark_ms = self._watermark.micros // 1000 if MIN_TIMESTAMP < self._watermark < MAX_TIMESTAMP else None
         mark = KinesisCheckpointMark((shard.position for shard in self._shards.values()), watermark_ms)
         if self.source.siblings is not None:
             # Published once the runner has committed the bundle this mark ends (transforms.kinesis_watermarks).
-            mark.on_finalize = functools.partial(publish_watermark, self.source.siblings, self.source.member, own)
+            # MAX only when the runner was told MAX (the final cut): a reader that turned idle-long-enough just
+            # now, at a deferral cut, is resumed from this mark after a reader-cache miss and reads on.
+            committed = MAX_TIMESTAMP if self._said_max else self._watermark
+            mark.on_finalize = functools.partial(publish_watermark, self.source.siblings, self.source.member,
+                                                 committed)
         return mark
 
     def close(self) -> None:
@@ -576,8 +593,10 @@ def runs_readers_in_one_process(options) -> bool:
     runner = (options.view_as(StandardOptions).runner or "DirectRunner") if options is not None else "DirectRunner"
     name = runner if isinstance(runner, str) else type(runner).__name__
     environment = options.view_as(PortableOptions).environment_type if options is not None else None
-    local = name.rsplit(".", 1)[-1] in ("PrismRunner", "DirectRunner", "SwitchingDirectRunner")
-    return local and environment in (None, "LOOPBACK")
+    # Beam accepts "prism", "Prism", "PrismRunner", "direct", ... (and a module path): compare the bare name.
+    bare = name.rsplit(".", 1)[-1].lower()
+    bare = bare[:-len("runner")] if bare.endswith("runner") else bare
+    return bare in ("prism", "direct", "switchingdirect") and environment in (None, "LOOPBACK")
 
 
 def _datetime(epoch_ms: int) -> dt.datetime:
@@ -589,7 +608,7 @@ class ReadFromKinesis(beam.PTransform):
 
     ``stop_when_idle_seconds`` ends the (otherwise unbounded) read once every
     shard has been idle that long, so all windows flush.
-    ``idle_watermark_seconds`` (``None`` turns it off) lets an idle shard
+    ``idle_watermark_seconds`` (``None`` or 0 turns it off) lets an idle shard
     advance the watermark, so a quiet stream's last window is written.
     ``client_factory``
     (``(endpoint_url, region) -> client``, picklable) replaces the boto3 client,
@@ -626,8 +645,9 @@ class ReadFromKinesis(beam.PTransform):
         start = StartPosition.parse(start_position)
         if stop_when_idle_seconds is not None and stop_when_idle_seconds <= 0:
             raise ValueError(f"stop_when_idle_seconds must be positive, got {stop_when_idle_seconds!r}")
-        if idle_watermark_seconds is not None and idle_watermark_seconds <= 0:
-            raise ValueError(f"idle_watermark_seconds must be positive, got {idle_watermark_seconds!r}")
+        if idle_watermark_seconds is not None and idle_watermark_seconds < 0:
+            raise ValueError(f"idle_watermark_seconds must be >= 0 (0 or None: off), got {idle_watermark_seconds!r}")
+        idle_watermark_seconds = idle_watermark_seconds or None
         if poll_interval_seconds < MIN_POLL_INTERVAL_SECONDS:
             raise ValueError(f"poll_interval_seconds must be >= {MIN_POLL_INTERVAL_SECONDS}, got {poll_interval_seconds!r}")
         if not 1 <= records_per_call <= 10_000:

@@ -30,14 +30,15 @@ an unseen sibling would hold the watermark forever: there it stays off.
 
 The registry is process-local (Prism's LOOPBACK worker runs every reader in the
 launching process) and keyed by the split's id, so pipelines run one after the
-other in one process never see each other's readers.
+other in one process never see each other's readers; a run's entries go once all
+its readers have finished.
 """
 from __future__ import annotations
 
 import threading
 from typing import NamedTuple
 
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 
 _LOCK = threading.Lock()
 _PUBLISHED: dict[str, dict[str, Timestamp]] = {}
@@ -51,11 +52,17 @@ class SiblingGroup(NamedTuple):
 
 
 def publish(group: SiblingGroup, member: str, watermark: Timestamp) -> None:
-    """Records ``member``'s committed watermark. Only ever rises: a late, older finalization changes nothing."""
+    """Records ``member``'s committed watermark. Only ever rises: a late, older finalization changes nothing.
+
+    A group is forgotten once every member has published ``MAX_TIMESTAMP`` (all its readers are finished), so a
+    long-lived process does not keep one entry per run.
+    """
     with _LOCK:
         published = _PUBLISHED.setdefault(group.group_id, {})
         if watermark > published.get(member, MIN_TIMESTAMP):
             published[member] = watermark
+        if all(published.get(m, MIN_TIMESTAMP) >= MAX_TIMESTAMP for m in group.members):
+            del _PUBLISHED[group.group_id]
 
 
 def aligned(group: SiblingGroup, member: str, own: Timestamp) -> Timestamp:
