@@ -59,7 +59,7 @@ def build_pipeline(p: beam.Pipeline, opts: EventsOptions) -> EventsOutput:
             opts.input_stream,
             start_position=opts.start_position,
             stop_when_idle_seconds=opts.stop_when_idle_seconds,
-            idle_watermark_seconds=opts.idle_watermark_seconds or None,  # 0: off
+            idle_watermark_seconds=opts.idle_watermark_seconds,  # 0: off
         )
     else:
         records = p | "ReadBackfill" >> ReadBackfillFiles(opts.input)

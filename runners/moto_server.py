@@ -27,13 +27,11 @@ def make_shards_thread_safe() -> None:
 
     if getattr(models.Shard, "_eventlake_locked", False):
         return
-    guard = threading.Lock()  # creates the per-shard locks
 
     def shard_lock(shard) -> threading.RLock:
         lock = shard.__dict__.get("_eventlake_lock")
-        if lock is None:
-            with guard:
-                lock = shard.__dict__.setdefault("_eventlake_lock", threading.RLock())
+        if lock is None:  # dict.setdefault is atomic: two first callers end up with the same lock
+            lock = shard.__dict__.setdefault("_eventlake_lock", threading.RLock())
         return lock
 
     def locked(method):

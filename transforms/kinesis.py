@@ -194,7 +194,7 @@ class KinesisSource(UnboundedSource):
     @property
     def member(self) -> str:
         """This split's name among its siblings: its shard ids."""
-        return ",".join(self.shard_ids or ())
+        return _member_name(self.shard_ids or ())
 
     def _with_shards(self, shard_ids, siblings: Optional[SiblingGroup] = None) -> "KinesisSource":
         return KinesisSource(
@@ -217,7 +217,7 @@ class KinesisSource(UnboundedSource):
         LOG.info("stream has %d shards in %d lineages", len(shards), len(groups))
         siblings = None
         if self.config.align_watermarks and len(groups) > 1:
-            siblings = SiblingGroup(uuid.uuid4().hex, tuple(",".join(group) for group in groups))
+            siblings = SiblingGroup(uuid.uuid4().hex, tuple(_member_name(group) for group in groups))
         return [self._with_shards(group, siblings) for group in groups] or [self]
 
     def create_reader(self, options, checkpoint_mark):
@@ -231,6 +231,10 @@ class KinesisSource(UnboundedSource):
 
     def __hash__(self):
         return hash((self.stream, self.start, self.shard_ids, self.siblings))
+
+
+def _member_name(shard_ids) -> str:
+    return ",".join(shard_ids)
 
 
 class _Shard:
@@ -323,7 +327,7 @@ class KinesisReader(UnboundedReader):
             # watermark: report the floor until the next, empty claim.
             self._said_max = True
             return own
-        return aligned_watermark(siblings, self.source.member, min(own, self._watermark))
+        return aligned_watermark(siblings, self.source.member, self._watermark)  # own, or the floor once finished
 
     def _own_watermark(self) -> Timestamp:
         """The minimum over this reader's shards (MAX once it is finished); also the clamp floor."""
@@ -590,9 +594,11 @@ def runs_readers_in_one_process(options) -> bool:
     """True for the local runners (Prism, DirectRunner): one LOOPBACK worker process runs every reader."""
     from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
 
-    runner = (options.view_as(StandardOptions).runner or "DirectRunner") if options is not None else "DirectRunner"
+    if options is None:
+        return True  # Beam's default runner: the DirectRunner, on Prism
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
     name = runner if isinstance(runner, str) else type(runner).__name__
-    environment = options.view_as(PortableOptions).environment_type if options is not None else None
+    environment = options.view_as(PortableOptions).environment_type
     # Beam accepts "prism", "Prism", "PrismRunner", "direct", ... (and a module path): compare the bare name.
     bare = name.rsplit(".", 1)[-1].lower()
     bare = bare[:-len("runner")] if bare.endswith("runner") else bare
