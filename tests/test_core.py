@@ -130,8 +130,10 @@ def test_process_events_validates_its_configuration():
         ProcessEvents("", "users")
     with pytest.raises(ValueError, match="users_table"):
         ProcessEvents(SCHEMAS, "")
-    with pytest.raises(ValueError, match="mask"):
-        ProcessEvents(SCHEMAS, "users", mask=object())
+    with pytest.raises(ValueError, match="batch_size"):
+        ProcessEvents(SCHEMAS, "users", enrich_options={"batch_size": 0})
+    with pytest.raises(ValueError, match="pseudonymization_secret"):
+        ProcessEvents(SCHEMAS, "users", pseudonymization_secret=" ")
     with pytest.raises(ValueError, match="pipeline_version"):
         ProcessEvents(SCHEMAS, "users", pipeline_version="")
 

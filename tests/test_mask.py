@@ -366,3 +366,29 @@ def test_planted_addresses_never_survive_anywhere_in_the_free_form_parts(extra, 
              "user": {"profile": {"city": f"{planted} "}}}
     text = json.dumps(masker.mask(event), ensure_ascii=False)
     assert planted not in text
+
+
+def _containers(value, found=None) -> list:
+    """Every dict and list inside ``value`` (itself included)."""
+    found = [] if found is None else found
+    if isinstance(value, (dict, list)):
+        found.append(value)
+        for item in (value.values() if isinstance(value, dict) else value):
+            _containers(item, found)
+    return found
+
+
+@settings(max_examples=100, deadline=None)
+@given(extra=st.dictionaries(st.text(max_size=10), _JSON, max_size=4), devices=st.lists(_JSON, max_size=3))
+def test_the_masked_event_shares_no_container_with_its_input(extra, devices):
+    """The core masks cached users without copying them: a shared dict or list would let a row corrupt the cache."""
+    masker = project_masker()
+    user = {"email": EMAIL, "profile": {"city": "Leeds", "extra": extra}, "devices": devices}
+    event = {"event_type": "app_opened", "properties": {}, "context": {"extra": extra, "locale": "en"},
+             "user": user}
+    before = json.dumps(event, sort_keys=True)
+    masked = masker.mask(event)
+    inputs = {id(c) for c in _containers(event["properties"]) + _containers(event["context"]) + _containers(user)}
+    outputs = _containers(masked["properties"]) + _containers(masked["context"]) + _containers(masked["user"])
+    assert not inputs & {id(c) for c in outputs}
+    assert json.dumps(event, sort_keys=True) == before

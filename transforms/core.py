@@ -1,65 +1,175 @@
 """The processing core: raw records -> lake rows, every record accounted for.
 
-``ProcessEvents`` chains the stages of docs/CONTRACTS.md, parse -> validate ->
+``ProcessEvents`` runs the stages of docs/CONTRACTS.md, parse -> validate ->
 enrich -> mask, and stamps each surviving event as a lake row
-(``processed_at``, ``pipeline_version``). Each stage returns ``(events,
-dead_letters)``; the dead letters of all stages are flattened into one
-PCollection, so a record either becomes one row or one dead letter.
+(``processed_at``, ``pipeline_version``); a record either becomes one row or
+one dead letter of the stage that failed it.
+
+The stages run in one DoFn (``ProcessRecordsFn``), each a plain function of its
+module (``parse.to_event``, ``validate.validated``, ``enrich.UserJoin``,
+``mask.mask_event``), not as a chain of ParDos: a ParDo per stage cost each
+record a dispatch, a tagged output and a counter update per stage, which
+measured more than the stages' own work in a backfill (docs/benchmarks.md).
+The stage transforms (``ParseEvents``, ``ValidateEvents``,
+``EnrichWithUserAttributes``, ``MaskPersonalData``) stay for pipelines that
+compose them differently.
 
 Metrics (namespace ``eventlake``): every stage counts ``<stage>.received``,
-``<stage>.succeeded`` and ``<stage>.dead_lettered``; the core adds
-``core.received`` (records in), ``core.succeeded`` (rows out) and
-``core.dead_lettered`` (dead letters out). Conservation:
-``core.received == core.succeeded + core.dead_lettered``.
+``<stage>.succeeded`` and ``<stage>.dead_lettered`` (plus enrich's cache and
+lookup counters); the core adds ``core.received`` (records in),
+``core.succeeded`` (rows out) and ``core.dead_lettered`` (dead letters out).
+Conservation: ``core.received == core.succeeded + core.dead_lettered``. Counts
+are added up per bundle and reported when the bundle finishes.
 """
 from __future__ import annotations
 
+import collections
 from typing import Mapping, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.envelope import DEFAULT_LIMITS, Limits, utc_now_ms
-from transforms.parse import ParseEvents
-from transforms.validate import ValidateEvents
+from transforms.dead_letter import dead_letter
+from transforms.dynamodb_users import DynamoDBUserLookup
+from transforms.enrich import enrich_counters, join_options, report, unavailable_letter, user_join
+from transforms.envelope import DEFAULT_LIMITS, InvalidEvent, Limits, utc_now_ms
+from transforms.mask import MaskingFailure, load_masker, mask_event
+from transforms.parse import ParseFailure, to_event
+from transforms.schemas import SchemaRegistry, SchemaViolation, UnknownEventType, read_documents
+from transforms.validate import validated
 from transforms.version import PIPELINE_VERSION
 
 NAMESPACE = "eventlake"
+ROWS = "rows"
+DEAD_LETTERS = "dead_letters"
+_STAGE_COUNTERS = tuple(f"{stage}.{count}" for stage in ("parse", "validate", "mask", "core")
+                        for count in ("received", "succeeded", "dead_lettered"))
 
 
-class _Count(beam.DoFn):
-    """Counts elements as they pass (one counter, no change to the element)."""
+class ProcessRecordsFn(beam.DoFn):
+    """``SourceRecord`` -> lake row (main output) or dead letter (``DEAD_LETTERS``), all stages in one call.
 
-    def __init__(self, name: str):
-        self.counter = Metrics.counter(NAMESPACE, name)
+    Events whose user is not cached wait in the ``UserJoin`` until a batched
+    lookup (``batch_size`` users or ``max_buffered_events`` events, or the end
+    of the bundle), then leave with their own timestamp, window and pane. The
+    element timestamp of a row is its ``received_at`` when that is later than
+    the record's (a backfill line without one moves forward, as in parse).
+    Pseudonymization keys are loaded in ``setup()`` and never pickled.
+    """
 
-    def process(self, element):
-        self.counter.inc()
-        yield element
+    def __init__(self, documents: dict, lookup: DynamoDBUserLookup, join: dict, *,
+                 keys_secret_id: Optional[str], limits: Limits, pipeline_version: str):
+        self._documents = documents
+        self._lookup = lookup
+        self._join_options = join
+        self._keys_secret_id = keys_secret_id
+        self._limits = limits
+        self._pipeline_version = pipeline_version
+        self._masker = None
+        self._counters = {name: Metrics.counter(NAMESPACE, name) for name in _STAGE_COUNTERS}
+        self._enrich_counters = enrich_counters()
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_masker"] = None  # never ship loaded keys, whoever pickles this
+        state.pop("_join", None)
+        return state
 
-class StampRowsFn(beam.DoFn):
-    """``(record, event)`` -> the lake row: the event plus ``processed_at`` and ``pipeline_version``."""
+    def setup(self):
+        self._registry = SchemaRegistry.from_documents(self._documents)
+        self._masker = load_masker(self._registry, self._keys_secret_id)
+        self._join = user_join(self._lookup, **self._join_options)
+        self._join.setup()
+        self._tally = collections.Counter()
 
-    def __init__(self, pipeline_version: str):
-        self.pipeline_version = pipeline_version
-        self.rows = Metrics.counter(NAMESPACE, "core.succeeded")
+    def teardown(self):
+        self._masker = None
+        join = getattr(self, "_join", None)
+        if join is not None:
+            join.teardown()
 
-    def process(self, element):
-        _, event = element
-        self.rows.inc()
-        yield {**event, "processed_at": utc_now_ms(), "pipeline_version": self.pipeline_version}
+    def start_bundle(self):
+        self._tally.clear()
+        self._join.tally.clear()
+
+    def process(self, record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
+                pane=beam.DoFn.PaneInfoParam):
+        tally = self._tally
+        tally["core.received"] += 1
+        tally["parse.received"] += 1
+        element_ms = timestamp.micros // 1000
+        try:
+            event = to_event(record, element_ms, self._limits)
+        except (ParseFailure, InvalidEvent) as exc:
+            yield self._dead_letter("parse", exc.reason, str(exc), record)
+            return
+        tally["parse.succeeded"] += 1
+        tally["validate.received"] += 1
+        try:
+            event = validated(self._registry, event)
+        except (UnknownEventType, SchemaViolation) as exc:
+            yield self._dead_letter("validate", exc.reason, str(exc), record)
+            return
+        tally["validate.succeeded"] += 1
+        if event["received_at"] > element_ms:
+            timestamp = Timestamp(micros=event["received_at"] * 1000)
+        answer = self._join.join(event.get("user_id"), (record, event, timestamp, window, pane))
+        if answer is not None:
+            (_, _, timestamp, window, pane), user, _ = answer
+            yield from self._finish(record, event, user, None, timestamp, window, pane)
+        elif self._join.full:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        yield from self._flush()
+        report(self._tally, self._counters)
+        report(self._join.tally, self._enrich_counters)
+
+    def _flush(self):
+        for (record, event, timestamp, window, pane), user, failure in self._join.flush():
+            yield from self._finish(record, event, user, failure, timestamp, window, pane)
+
+    def _finish(self, record, event, user, failure, timestamp, window, pane):
+        """Enriched (or not) -> masked and stamped row, or a dead letter; in the event's window."""
+        tally = self._tally
+        if failure is not None:
+            tally["core.dead_lettered"] += 1
+            letter = unavailable_letter(record, *failure)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
+            return
+        tally["mask.received"] += 1
+        try:
+            # No copy of the cached user (enrich.enriched makes one): masking builds every container anew.
+            row = mask_event(self._masker, dict(event, user=user, user_found=user is not None))
+        except MaskingFailure as exc:
+            tally["mask.dead_lettered"] += 1
+            tally["core.dead_lettered"] += 1
+            letter = dead_letter("mask", exc.reason, str(exc), retryable=False, record=record)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
+            return
+        tally["mask.succeeded"] += 1
+        tally["core.succeeded"] += 1
+        row["processed_at"] = utc_now_ms()
+        row["pipeline_version"] = self._pipeline_version
+        yield WindowedValue(row, timestamp, (window,), pane)
+
+    def _dead_letter(self, stage: str, reason: str, message: str, record):
+        self._tally[f"{stage}.dead_lettered"] += 1
+        self._tally["core.dead_lettered"] += 1
+        return beam.pvalue.TaggedOutput(
+            DEAD_LETTERS, dead_letter(stage, reason, message, retryable=False, record=record))
 
 
 class ProcessEvents(beam.PTransform):
     """``SourceRecord`` -> ``(rows, dead_letters)`` through parse, validate, enrich and mask.
 
-    ``enrich`` and ``mask`` take ready-made stage transforms (e.g. with test
-    doubles or other options); by default they are built from ``users_table``
-    (``EnrichWithUserAttributes.for_table`` with ``endpoint_url``,
-    ``region_name`` and ``enrich_options``) and ``schema_dir``
-    (``MaskPersonalData``, keys from ``pseudonymization_secret`` in Secrets
-    Manager, else from the workers' environment).
+    Users are looked up in DynamoDB table ``users_table`` (``endpoint_url``,
+    ``region_name``; ``enrich_options`` are those of ``enrich.join_options``:
+    cache TTLs and size, lookup batch size); masking uses the schemas of
+    ``schema_dir`` and the keys in Secrets Manager ``pseudonymization_secret``,
+    else in the workers' environment.
     """
 
     def __init__(
@@ -70,8 +180,6 @@ class ProcessEvents(beam.PTransform):
         endpoint_url: Optional[str] = None,
         region_name: Optional[str] = None,
         enrich_options: Optional[Mapping] = None,
-        enrich: Optional[beam.PTransform] = None,
-        mask: Optional[beam.PTransform] = None,
         pseudonymization_secret: Optional[str] = None,
         limits: Limits = DEFAULT_LIMITS,
         pipeline_version: str = PIPELINE_VERSION,
@@ -79,53 +187,32 @@ class ProcessEvents(beam.PTransform):
         super().__init__()
         if not isinstance(schema_dir, str) or not schema_dir:
             raise ValueError(f"schema_dir must be a directory path, got {schema_dir!r}")
-        if enrich is None and (not isinstance(users_table, str) or not users_table):
+        if not isinstance(users_table, str) or not users_table:
             raise ValueError(f"users_table must be a DynamoDB table name, got {users_table!r}")
         if not isinstance(pipeline_version, str) or not pipeline_version:
             raise ValueError(f"pipeline_version must be a non-empty string, got {pipeline_version!r}")
-        for name, stage in (("enrich", enrich), ("mask", mask)):
-            if stage is not None and not isinstance(stage, beam.PTransform):
-                raise ValueError(f"{name} must be a PTransform, got {type(stage).__name__}")
+        if not isinstance(limits, Limits):
+            raise ValueError(f"limits must be a transforms.envelope.Limits, got {type(limits).__name__}")
+        if pseudonymization_secret is not None and (
+                not isinstance(pseudonymization_secret, str) or not pseudonymization_secret.strip()):
+            raise ValueError("pseudonymization_secret must be a Secrets Manager secret id or None, "
+                             f"got {pseudonymization_secret!r}")
         self._schema_dir = schema_dir
         self._users_table = users_table
         self._endpoint_url = endpoint_url
         self._region_name = region_name
-        self._enrich_options = dict(enrich_options or {})
-        self._enrich = enrich
-        self._mask = mask
+        self._join_options = join_options(**dict(enrich_options or {}))
         self._pseudonymization_secret = pseudonymization_secret
         self._limits = limits
         self._pipeline_version = pipeline_version
 
-    def _enrich_stage(self) -> beam.PTransform:
-        if self._enrich is not None:
-            return self._enrich
-        from transforms.enrich import EnrichWithUserAttributes
-        from transforms.schemas import SchemaRegistry
-
-        user_schema = SchemaRegistry.load(self._schema_dir).user_schema
-        return EnrichWithUserAttributes.for_table(
-            self._users_table, user_schema, endpoint_url=self._endpoint_url, region_name=self._region_name,
-            **self._enrich_options,
-        )
-
-    def _mask_stage(self) -> beam.PTransform:
-        if self._mask is not None:
-            return self._mask
-        from transforms.mask import MaskPersonalData
-
-        return MaskPersonalData(self._schema_dir, keys_secret_id=self._pseudonymization_secret)
-
     def expand(self, records):
-        counted = records | "CountRecords" >> beam.ParDo(_Count("core.received"))
-        parsed, parse_dead = counted | "ParseEvents" >> ParseEvents(limits=self._limits)
-        valid, validate_dead = parsed | "ValidateEvents" >> ValidateEvents(self._schema_dir)
-        enriched, enrich_dead = valid | "EnrichWithUserAttributes" >> self._enrich_stage()
-        masked, mask_dead = enriched | "MaskPersonalData" >> self._mask_stage()
-        rows = masked | "StampRows" >> beam.ParDo(StampRowsFn(self._pipeline_version))
-        dead_letters = (
-            (parse_dead, validate_dead, enrich_dead, mask_dead)
-            | "FlattenDeadLetters" >> beam.Flatten()
-            | "CountDeadLetters" >> beam.ParDo(_Count("core.dead_lettered"))
-        )
-        return rows, dead_letters
+        documents = read_documents(self._schema_dir)
+        registry = SchemaRegistry.from_documents(documents)  # a bad directory fails here, naming the file
+        lookup = DynamoDBUserLookup(self._users_table, user_schema=registry.user_schema,
+                                    endpoint_url=self._endpoint_url, region_name=self._region_name)
+        results = records | "ProcessRecords" >> beam.ParDo(ProcessRecordsFn(
+            documents, lookup, self._join_options, keys_secret_id=self._pseudonymization_secret,
+            limits=self._limits, pipeline_version=self._pipeline_version,
+        )).with_outputs(DEAD_LETTERS, main=ROWS)
+        return results[ROWS], results[DEAD_LETTERS]

@@ -121,8 +121,147 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _counter(name: str):
-    return Metrics.counter(NAMESPACE, f"enrich.{name}")
+COUNTERS = ("received", "succeeded", "dead_lettered", "cache_hits", "cache_misses", "throttles", "lookup_calls",
+            "users_found", "users_unknown", "anonymous", "type_mismatches")
+
+
+def enriched(event: dict, user: Optional[dict]) -> dict:
+    """The event with ``user`` (a copy, so that later stages cannot mutate the cache) and ``user_found``."""
+    return dict(event, user=_copy(user), user_found=user is not None)
+
+
+def unavailable_letter(record, attempts: int, code: str) -> dict:
+    """The retryable dead letter of an event whose user could not be looked up (no user id in it)."""
+    return dead_letter("enrich", REASON, f"user attribute lookup unavailable after {attempts} attempt(s): {code}",
+                       retryable=True, record=record, attempts=attempts)
+
+
+class UserJoin:
+    """Joins items with their users: per-worker cache, buffered misses, batched lookups. Plain Python.
+
+    ``join(key, item)`` answers at once for an anonymous item or a cached user,
+    and otherwise holds the item; ``flush()`` looks all held users up in one
+    ``lookup`` and answers for every held item. Answers are ``(item, user,
+    failure)``: ``failure`` is None or ``(attempts, code)`` of an unavailable
+    lookup. Counts go to ``tally`` (names of ``COUNTERS``) for the caller to
+    report once per bundle: a Beam counter per event costs more than the join.
+    """
+
+    def __init__(self, lookup: DynamoDBUserLookup, *, cache_config: dict, batch_size: int,
+                 max_buffered_events: int, clock: Callable[[], float]):
+        self.lookup = lookup
+        self.cache_config = cache_config
+        self.batch_size = batch_size
+        self.max_buffered = max_buffered_events
+        self.clock = clock
+        self.cache: Optional[UserCache] = None
+        self.tally: collections.Counter = collections.Counter()
+        self._held: list = []
+        self._pending: set[str] = set()
+
+    def setup(self) -> None:
+        self.lookup.setup()
+        self.cache = shared_cache(self.lookup.cache_key, **self.cache_config)
+
+    def teardown(self) -> None:
+        self.lookup.teardown()
+
+    def join(self, key: Any, item: Any) -> Any:
+        """``(item, user, None)`` when answered now, else ``None`` (held; ``full`` says when to flush)."""
+        tally = self.tally
+        tally["received"] += 1
+        if not isinstance(key, str) or not key:
+            tally["anonymous"] += 1
+            tally["succeeded"] += 1
+            return item, None, None
+        cached = self.cache.get(key, self.clock())
+        if cached is not NOT_CACHED:
+            tally["cache_hits"] += 1
+            tally["succeeded"] += 1
+            tally["users_found" if cached is not None else "users_unknown"] += 1
+            return item, cached, None
+        tally["cache_misses"] += 1
+        self._held.append((key, item))
+        self._pending.add(key)
+        return None
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= self.batch_size or len(self._held) >= self.max_buffered
+
+    def flush(self):
+        """Looks the held users up; yields ``(item, user, failure)`` for every held item, in order."""
+        if not self._held:
+            return
+        held, keys = self._held, list(self._pending)
+        self._held, self._pending = [], set()
+        result = self.lookup.lookup(keys)
+        tally = self.tally
+        tally["lookup_calls"] += result.calls
+        tally["throttles"] += result.throttles
+        tally["type_mismatches"] += result.type_mismatches
+        now = self.clock()
+        for key, user in result.users.items():
+            self.cache.put(key, user, now)
+        for key in result.missing:
+            self.cache.put(key, None, now)
+        for key, item in held:
+            if key in result.users or key in result.missing:
+                user = result.users.get(key)
+                tally["users_found" if user is not None else "users_unknown"] += 1
+                tally["succeeded"] += 1
+                yield item, user, None
+                continue
+            tally["dead_lettered"] += 1
+            yield item, None, result.unavailable.get(key, (0, "NotLookedUp"))
+
+
+def report(tally: collections.Counter, counters: Mapping[str, Any]) -> None:
+    """Adds the bundle's tally to its Beam counters (every counter, zeros included) and clears it."""
+    for name, counter in counters.items():
+        counter.inc(tally.get(name, 0))
+    tally.clear()
+
+
+def enrich_counters() -> dict:
+    return {name: Metrics.counter(NAMESPACE, f"enrich.{name}") for name in COUNTERS}
+
+
+def join_options(
+    *,
+    cache_ttl_seconds: float = 300.0,
+    miss_ttl_seconds: float = 30.0,
+    cache_max_entries: int = 100_000,
+    batch_size: int = 400,
+    max_buffered_events: int = 2_000,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict:
+    """The enrichment options, checked, with their defaults (keyword arguments of ``EnrichUserAttributesFn``)."""
+    if cache_ttl_seconds < 0:
+        raise ValueError(f"cache_ttl_seconds must be >= 0, got {cache_ttl_seconds!r}")
+    if miss_ttl_seconds < 0 or miss_ttl_seconds > cache_ttl_seconds:
+        raise ValueError(f"miss_ttl_seconds must be in [0, cache_ttl_seconds], got {miss_ttl_seconds!r}")
+    if not isinstance(cache_max_entries, int) or cache_max_entries < 0:
+        raise ValueError(f"cache_max_entries must be an int >= 0, got {cache_max_entries!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(max_buffered_events, int) or max_buffered_events < 1:
+        raise ValueError(f"max_buffered_events must be a positive int, got {max_buffered_events!r}")
+    return dict(cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
+                cache_max_entries=cache_max_entries, batch_size=batch_size,
+                max_buffered_events=max_buffered_events, clock=clock)
+
+
+def user_join(lookup: DynamoDBUserLookup, **options) -> UserJoin:
+    """A :class:`UserJoin` on ``lookup`` with the (checked) options of :func:`join_options`."""
+    options = join_options(**options)
+    return UserJoin(
+        lookup,
+        cache_config=dict(ttl_seconds=options["cache_ttl_seconds"], miss_ttl_seconds=options["miss_ttl_seconds"],
+                          max_entries=options["cache_max_entries"]),
+        batch_size=options["batch_size"], max_buffered_events=options["max_buffered_events"],
+        clock=options["clock"],
+    )
 
 
 class EnrichUserAttributesFn(beam.DoFn):
@@ -139,37 +278,18 @@ class EnrichUserAttributesFn(beam.DoFn):
         max_buffered_events: int,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self._lookup = lookup
-        self._cache_config = dict(
-            ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds, max_entries=cache_max_entries
+        self._join = user_join(
+            lookup, cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
+            cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
+            clock=clock,
         )
-        self._batch_size = batch_size
-        self._max_buffered = max_buffered_events
-        self._clock = clock
-        self._cache: Optional[UserCache] = None
-        self._buffer: list = []
-        self._pending: set[str] = set()
-        self.received = _counter("received")
-        self.succeeded = _counter("succeeded")
-        self.dead_lettered = _counter("dead_lettered")
-        self.cache_hits = _counter("cache_hits")
-        self.cache_misses = _counter("cache_misses")
-        self.throttles = _counter("throttles")
-        self.lookup_calls = _counter("lookup_calls")
-        self.users_found = _counter("users_found")
-        self.users_unknown = _counter("users_unknown")
-        self.anonymous = _counter("anonymous")
-        self.type_mismatches = _counter("type_mismatches")
+        self._counters = enrich_counters()
 
     def setup(self):
-        self._lookup.setup()
-        self._cache = shared_cache(self._lookup.cache_key, **self._cache_config)
+        self._join.setup()
 
     def start_bundle(self):
-        self._buffer = []
-        self._pending = set()
-        for counter in (self.received, self.succeeded, self.dead_lettered):
-            counter.inc(0)  # reported even when zero: the conservation check reads all three
+        self._join.tally.clear()
 
     def process(
         self,
@@ -178,71 +298,28 @@ class EnrichUserAttributesFn(beam.DoFn):
         window=beam.DoFn.WindowParam,
         pane=beam.DoFn.PaneInfoParam,
     ):
-        self.received.inc()
         record, event = element
-        key = event.get("user_id")
-        if not isinstance(key, str) or not key:
-            self.anonymous.inc()
-            self.succeeded.inc()
-            yield (record, self._enriched(event, None))
-            return
-        cached = self._cache.get(key, self._clock())
-        if cached is not NOT_CACHED:
-            self.cache_hits.inc()
-            self.succeeded.inc()
-            (self.users_found if cached is not None else self.users_unknown).inc()
-            yield (record, self._enriched(event, cached))
-            return
-        self.cache_misses.inc()
-        self._buffer.append((record, event, key, timestamp, window, pane))
-        self._pending.add(key)
-        if len(self._pending) >= self._batch_size or len(self._buffer) >= self._max_buffered:
+        answer = self._join.join(event.get("user_id"), (record, event, timestamp, window, pane))
+        if answer is not None:
+            (record, event, _, _, _), user, _ = answer
+            yield record, enriched(event, user)
+        elif self._join.full:
             yield from self._flush()
 
     def finish_bundle(self):
         yield from self._flush()
+        report(self._join.tally, self._counters)
 
     def teardown(self):
-        self._lookup.teardown()
-
-    # -- internals --------------------------------------------------------------------
-    @staticmethod
-    def _enriched(event: dict, user: Optional[dict]) -> dict:
-        return dict(event, user=_copy(user), user_found=user is not None)
+        self._join.teardown()
 
     def _flush(self):
-        if not self._buffer:
-            return
-        buffer, keys = self._buffer, list(self._pending)
-        self._buffer, self._pending = [], set()
-        result = self._lookup.lookup(keys)
-        self.lookup_calls.inc(result.calls)
-        self.throttles.inc(result.throttles)
-        self.type_mismatches.inc(result.type_mismatches)
-        now = self._clock()
-        for key, user in result.users.items():
-            self._cache.put(key, user, now)
-        for key in result.missing:
-            self._cache.put(key, None, now)
-        for record, event, key, timestamp, window, pane in buffer:
-            if key in result.users or key in result.missing:
-                user = result.users.get(key)
-                (self.users_found if user is not None else self.users_unknown).inc()
-                self.succeeded.inc()
-                value = (record, self._enriched(event, user))
-                yield WindowedValue(value, timestamp, (window,), pane)
-                continue
-            attempts, code = result.unavailable.get(key, (0, "NotLookedUp"))
-            self.dead_lettered.inc()
-            letter = dead_letter(
-                "enrich",
-                REASON,
-                f"user attribute lookup unavailable after {attempts} attempt(s): {code}",
-                retryable=True,
-                record=record,
-                attempts=attempts,
-            )
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
+        for (record, event, timestamp, window, pane), user, failure in self._join.flush():
+            if failure is None:
+                yield WindowedValue((record, enriched(event, user)), timestamp, (window,), pane)
+            else:
+                letter = unavailable_letter(record, *failure)
+                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
 
 
 class EnrichWithUserAttributes(beam.PTransform):
@@ -267,22 +344,9 @@ class EnrichWithUserAttributes(beam.PTransform):
         super().__init__()
         if not callable(getattr(lookup, "lookup", None)) or not hasattr(lookup, "cache_key"):
             raise ValueError(f"lookup must be a user lookup backend, got {type(lookup).__name__}")
-        if cache_ttl_seconds < 0:
-            raise ValueError(f"cache_ttl_seconds must be >= 0, got {cache_ttl_seconds!r}")
-        if miss_ttl_seconds < 0 or miss_ttl_seconds > cache_ttl_seconds:
-            raise ValueError(f"miss_ttl_seconds must be in [0, cache_ttl_seconds], got {miss_ttl_seconds!r}")
-        if not isinstance(cache_max_entries, int) or cache_max_entries < 0:
-            raise ValueError(f"cache_max_entries must be an int >= 0, got {cache_max_entries!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(max_buffered_events, int) or max_buffered_events < 1:
-            raise ValueError(f"max_buffered_events must be a positive int, got {max_buffered_events!r}")
-        self._fn_args = dict(
-            cache_ttl_seconds=cache_ttl_seconds,
-            miss_ttl_seconds=miss_ttl_seconds,
-            cache_max_entries=cache_max_entries,
-            batch_size=batch_size,
-            max_buffered_events=max_buffered_events,
+        self._fn_args = join_options(
+            cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
+            cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
             clock=clock,
         )
         self._lookup = lookup

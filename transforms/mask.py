@@ -73,7 +73,11 @@ class PersonalDataMasker:
         self._context = context_schema_with_ip_truncated(registry.context_schema)
 
     def mask(self, event: dict) -> dict:
-        """A new event with ``properties``, ``context`` and ``user`` masked; the input is not changed."""
+        """A new event with ``properties``, ``context`` and ``user`` masked; the input is not changed.
+
+        Every dict and list under those three fields is built anew (only immutable values are shared), so a
+        caller may mask a cached value without copying it first.
+        """
         properties_schema = self._registry.properties_schema(event["event_type"])
         return {
             **event,
@@ -119,6 +123,33 @@ class PersonalDataMasker:
         return value
 
 
+class MaskingFailure(ValueError):
+    """An event that cannot be masked; ``reason`` is the dead-letter code, the message holds no value."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def mask_event(masker: PersonalDataMasker, event: dict) -> dict:
+    """``masker.mask(event)``; any failure is a :class:`MaskingFailure`, never a pass-through."""
+    try:
+        return masker.mask(event)
+    except UnknownEventType as exc:
+        raise MaskingFailure(exc.reason, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the exception's text may quote the value
+        raise MaskingFailure(MASKING_FAILED, f"masking failed ({type(exc).__name__})") from None
+
+
+def load_masker(registry: SchemaRegistry, keys_secret_id: Optional[str]) -> PersonalDataMasker:
+    """A masker with the keys of ``keys_secret_id`` (or the environment's); for ``DoFn.setup()``."""
+    keys = load_keys(keys_secret_id)
+    masker = PersonalDataMasker(registry, keys)
+    if keys is not None:
+        _log.info("masking with pseudonymization key %s (%d version(s) loaded)", keys.current.id, len(keys))
+    return masker
+
+
 class MaskPersonalDataFn(beam.DoFn):
     """Masks events; keys exist only between ``setup()`` and the end of the worker."""
 
@@ -136,11 +167,7 @@ class MaskPersonalDataFn(beam.DoFn):
         return state
 
     def setup(self):
-        registry = SchemaRegistry.from_documents(self._documents)
-        keys = load_keys(self._keys_secret_id)
-        self._masker = PersonalDataMasker(registry, keys)
-        if keys is not None:
-            _log.info("masking with pseudonymization key %s (%d version(s) loaded)", keys.current.id, len(keys))
+        self._masker = load_masker(SchemaRegistry.from_documents(self._documents), self._keys_secret_id)
 
     def teardown(self):
         self._masker = None
@@ -149,12 +176,9 @@ class MaskPersonalDataFn(beam.DoFn):
         record, event = element
         self.received.inc()
         try:
-            masked = self._masker.mask(event)
-        except UnknownEventType as exc:
+            masked = mask_event(self._masker, event)
+        except MaskingFailure as exc:
             yield self._dead_letter(record, exc.reason, str(exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure is a dead letter, never a crash or a pass-through
-            yield self._dead_letter(record, MASKING_FAILED, f"masking failed ({type(exc).__name__})")
             return
         self.succeeded.inc()
         yield record, masked

@@ -28,6 +28,20 @@ EVENTS = "events"
 DEAD_LETTERS = "dead_letters"
 
 
+def validated(registry: SchemaRegistry, event: dict) -> dict:
+    """The event with ``properties`` and ``context`` coerced and its ``schema_version``.
+
+    Raises ``UnknownEventType`` or ``SchemaViolation`` (messages hold no values).
+    """
+    event_type = event["event_type"]
+    return {
+        **event,
+        "properties": registry.validate(event_type, event["properties"]),
+        "context": registry.validate_context(event["context"]),
+        "schema_version": registry.schema_version(event_type),
+    }
+
+
 class ValidateEventsFn(beam.DoFn):
     def __init__(self, documents: dict):
         self.documents = documents
@@ -42,10 +56,8 @@ class ValidateEventsFn(beam.DoFn):
     def process(self, element):
         record, event = element
         self.received.inc()
-        registry = self.registry
         try:
-            properties = registry.validate(event["event_type"], event["properties"])
-            context = registry.validate_context(event["context"])
+            event = validated(self.registry, event)
         except (UnknownEventType, SchemaViolation) as exc:
             self.dead_lettered.inc()
             yield beam.pvalue.TaggedOutput(
@@ -53,12 +65,7 @@ class ValidateEventsFn(beam.DoFn):
             )
             return
         self.succeeded.inc()
-        yield record, {
-            **event,
-            "properties": properties,
-            "context": context,
-            "schema_version": registry.schema_version(event["event_type"]),
-        }
+        yield record, event
 
 
 class ValidateEvents(beam.PTransform):
