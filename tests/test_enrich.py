@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import threading
 
 import apache_beam as beam
 import pytest
@@ -243,7 +244,8 @@ def test_emitted_users_are_copies_that_cannot_corrupt_the_cache(stack):
 def test_the_buffer_is_flushed_when_it_holds_max_buffered_events(stack):
     stack.seed_users([full_user("u1")])
     fn = EnrichUserAttributesFn(lookup_for(stack), cache_ttl_seconds=0, miss_ttl_seconds=0,
-                                cache_max_entries=0, batch_size=100, max_buffered_events=3, clock=FakeClock())
+                                cache_max_entries=0, batch_size=100, max_buffered_events=3,
+                                max_lookups_in_flight=0, clock=FakeClock())
     fn.setup()
     try:
         fn.start_bundle()
@@ -253,6 +255,60 @@ def test_the_buffer_is_flushed_when_it_holds_max_buffered_events(stack):
         assert [wv.timestamp for wv in emitted[2]] == [Timestamp(0), Timestamp(1), Timestamp(2)]
         assert list(fn.finish_bundle()) == []
     finally:
+        fn.teardown()
+
+
+class GatedClient:
+    """The real client, wrapped: each BatchGetItem waits until the test opens the gate."""
+
+    def __init__(self, real):
+        self.real = real
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.key_sets: list[set] = []
+
+    def batch_get_item(self, RequestItems):
+        ((_, request),) = RequestItems.items()
+        self.key_sets.append({key["user_id"]["S"] for key in request["Keys"]})
+        self.started.set()
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return self.real.batch_get_item(RequestItems=RequestItems)
+
+
+def test_a_lookup_under_way_does_not_stall_the_events_behind_it(stack):
+    """While a batch lookup waits on DynamoDB, cached users are answered and a user already being looked up is not
+    looked up twice; the end of the bundle waits for the lookup and answers every event."""
+    stack.seed_users([full_user("cached"), full_user("slow-1"), full_user("slow-2")])
+    clients = []
+
+    def factory():
+        clients.append(GatedClient(stack.client("dynamodb")))
+        return clients[-1]
+
+    fn = EnrichUserAttributesFn(lookup_for(stack, client_factory=factory), cache_ttl_seconds=300,
+                                miss_ttl_seconds=30, cache_max_entries=100, batch_size=2, max_buffered_events=100,
+                                max_lookups_in_flight=2, clock=FakeClock())
+    fn.setup()
+    try:
+        client = clients[0]
+        client.gate.set()
+        assert [e["user_found"] for _, e in run_bundle(fn, [event_for(0, "cached")])] == [True]
+        client.gate.clear()
+        fn.start_bundle()
+        emitted = [list(fn.process(event_for(n, user), Timestamp(n), window.GlobalWindow(), PANE_INFO_UNKNOWN))
+                   for n, user in enumerate(["slow-1", "slow-2"], start=1)]
+        assert emitted == [[], []]
+        assert client.started.wait(timeout=30)  # the batch of two users is being looked up, and blocks
+        answered = [list(fn.process(event_for(n, user), Timestamp(n), window.GlobalWindow(), PANE_INFO_UNKNOWN))
+                    for n, user in ((3, "cached"), (4, "slow-1"))]
+        assert [[e["user_found"] for _, e in out] for out in answered] == [[True], []]
+        client.gate.set()
+        rest = [o.value for o in fn.finish_bundle()]
+        assert sorted((e["event_id"], e["user_found"]) for _, e in rest) == [("e-1", True), ("e-2", True),
+                                                                             ("e-4", True)]
+        assert client.key_sets[1:] == [{"slow-1", "slow-2"}]  # slow-1's second event waited for the same lookup
+    finally:
+        client.gate.set()
         fn.teardown()
 
 

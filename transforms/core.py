@@ -51,9 +51,10 @@ _STAGE_COUNTERS = tuple(f"{stage}.{count}" for stage in ("parse", "validate", "m
 class ProcessRecordsFn(beam.DoFn):
     """``SourceRecord`` -> lake row (main output) or dead letter (``DEAD_LETTERS``), all stages in one call.
 
-    Events whose user is not cached wait in the ``UserJoin`` until a batched
-    lookup (``batch_size`` users or ``max_buffered_events`` events, or the end
-    of the bundle), then leave with their own timestamp, window and pane. The
+    Events whose user is not cached wait in the ``UserJoin`` for a batched
+    lookup (started at ``batch_size`` users or ``max_buffered_events`` events,
+    or at the end of the bundle; it runs while the next records are processed),
+    then leave with their own timestamp, window and pane. The
     element timestamp of a row is its ``received_at`` when that is later than
     the record's (a backfill line without one moves forward, as in parse).
     Pseudonymization keys are loaded in ``setup()`` and never pickled.
@@ -93,6 +94,7 @@ class ProcessRecordsFn(beam.DoFn):
     def start_bundle(self):
         self._tally.clear()
         self._join.tally.clear()
+        self._join.reset()
 
     def process(self, record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
                 pane=beam.DoFn.PaneInfoParam):
@@ -119,16 +121,15 @@ class ProcessRecordsFn(beam.DoFn):
         if answer is not None:
             (_, _, timestamp, window, pane), user, _ = answer
             yield from self._finish(record, event, user, None, timestamp, window, pane)
-        elif self._join.full:
-            yield from self._flush()
+        yield from self._answered(self._join.answers())
 
     def finish_bundle(self):
-        yield from self._flush()
+        yield from self._answered(self._join.flush())
         report(self._tally, self._counters)
         report(self._join.tally, self._enrich_counters)
 
-    def _flush(self):
-        for (record, event, timestamp, window, pane), user, failure in self._join.flush():
+    def _answered(self, answers):
+        for (record, event, timestamp, window, pane), user, failure in answers:
             yield from self._finish(record, event, user, failure, timestamp, window, pane)
 
     def _finish(self, record, event, user, failure, timestamp, window, pane):

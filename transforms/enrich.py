@@ -31,6 +31,7 @@ Nothing logs a user id or an attribute value.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -136,38 +137,77 @@ def unavailable_letter(record, attempts: int, code: str) -> dict:
                        retryable=True, record=record, attempts=attempts)
 
 
+class _Lookup:
+    """One batched lookup under way: its future and the items waiting for its users."""
+
+    __slots__ = ("future", "items")
+
+    def __init__(self, future, items: list):
+        self.future = future
+        self.items = items
+
+
 class UserJoin:
     """Joins items with their users: per-worker cache, buffered misses, batched lookups. Plain Python.
 
     ``join(key, item)`` answers at once for an anonymous item or a cached user,
-    and otherwise holds the item; ``flush()`` looks all held users up in one
-    ``lookup`` and answers for every held item. Answers are ``(item, user,
-    failure)``: ``failure`` is None or ``(attempts, code)`` of an unavailable
-    lookup. Counts go to ``tally`` (names of ``COUNTERS``) for the caller to
-    report once per bundle: a Beam counter per event costs more than the join.
+    and otherwise holds the item. Held users are looked up in one batch
+    (``lookup``, BatchGetItem) when ``batch_size`` users or
+    ``max_buffered_events`` items are held. With ``max_lookups_in_flight`` > 0
+    the batch runs on a background thread while the caller goes on with other
+    items (an item whose user is already being looked up waits for that
+    lookup); ``answers()`` returns what finished lookups answered and waits
+    only when more than ``max_lookups_in_flight`` lookups are under way. A
+    lookup's latency (network, or an emulator sharing the cores) then overlaps
+    the processing of the next events instead of stalling it. ``flush()``
+    waits for every lookup (end of bundle). With 0, lookups block the caller.
+
+    Answers are ``(item, user, failure)``: ``failure`` is None or ``(attempts,
+    code)`` of an unavailable lookup. Counts go to ``tally`` (names of
+    ``COUNTERS``) for the caller to report once per bundle: a Beam counter per
+    event costs more than the join.
     """
 
     def __init__(self, lookup: DynamoDBUserLookup, *, cache_config: dict, batch_size: int,
-                 max_buffered_events: int, clock: Callable[[], float]):
+                 max_buffered_events: int, clock: Callable[[], float], max_lookups_in_flight: int = 0):
         self.lookup = lookup
         self.cache_config = cache_config
         self.batch_size = batch_size
         self.max_buffered = max_buffered_events
+        self.max_in_flight = max_lookups_in_flight
         self.clock = clock
         self.cache: Optional[UserCache] = None
         self.tally: collections.Counter = collections.Counter()
-        self._held: list = []
-        self._pending: set[str] = set()
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.reset()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_executor=None, _held=[], _pending=set(), _in_flight=collections.deque(), _waiting={})
+        return state
 
     def setup(self) -> None:
         self.lookup.setup()
         self.cache = shared_cache(self.lookup.cache_key, **self.cache_config)
+        if self.max_in_flight:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.max_in_flight, thread_name_prefix="eventlake-user-lookup")
 
     def teardown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self.lookup.teardown()
 
+    def reset(self) -> None:
+        """Forgets held items and lookups under way (a new bundle after a failed one)."""
+        self._held: list = []
+        self._pending: set[str] = set()
+        self._in_flight: collections.deque[_Lookup] = collections.deque()
+        self._waiting: dict[str, _Lookup] = {}  # key -> the lookup under way that will answer it
+
     def join(self, key: Any, item: Any) -> Any:
-        """``(item, user, None)`` when answered now, else ``None`` (held; ``full`` says when to flush)."""
+        """``(item, user, None)`` when answered now, else ``None`` (held until its lookup answers)."""
         tally = self.tally
         tally["received"] += 1
         if not isinstance(key, str) or not key:
@@ -181,21 +221,44 @@ class UserJoin:
             tally["users_found" if cached is not None else "users_unknown"] += 1
             return item, cached, None
         tally["cache_misses"] += 1
+        under_way = self._waiting.get(key)
+        if under_way is not None:
+            under_way.items.append((key, item))
+            return None
         self._held.append((key, item))
         self._pending.add(key)
         return None
 
-    @property
-    def full(self) -> bool:
-        return len(self._pending) >= self.batch_size or len(self._held) >= self.max_buffered
+    def answers(self):
+        """Starts the held batch when it is full; yields the answers of finished lookups."""
+        if len(self._pending) >= self.batch_size or len(self._held) >= self.max_buffered:
+            self._start()
+        while self._in_flight and (len(self._in_flight) > self.max_in_flight or self._in_flight[0].future.done()):
+            yield from self._answer(self._in_flight.popleft())
 
     def flush(self):
-        """Looks the held users up; yields ``(item, user, failure)`` for every held item, in order."""
+        """Looks every held user up; yields the answers of every lookup, the last one waited for."""
+        self._start()
+        while self._in_flight:
+            yield from self._answer(self._in_flight.popleft())
+
+    def _start(self) -> None:
         if not self._held:
             return
-        held, keys = self._held, list(self._pending)
+        keys = list(self._pending)
+        if self._executor is None:
+            future = concurrent.futures.Future()
+            future.set_result(self.lookup.lookup(keys))
+        else:
+            future = self._executor.submit(self.lookup.lookup, keys)
+        under_way = _Lookup(future, self._held)
+        self._in_flight.append(under_way)
+        for key in keys:
+            self._waiting[key] = under_way
         self._held, self._pending = [], set()
-        result = self.lookup.lookup(keys)
+
+    def _answer(self, under_way: _Lookup):
+        result = under_way.future.result()
         tally = self.tally
         tally["lookup_calls"] += result.calls
         tally["throttles"] += result.throttles
@@ -205,7 +268,9 @@ class UserJoin:
             self.cache.put(key, user, now)
         for key in result.missing:
             self.cache.put(key, None, now)
-        for key, item in held:
+        for key, item in under_way.items:
+            if self._waiting.get(key) is under_way:
+                del self._waiting[key]
             if key in result.users or key in result.missing:
                 user = result.users.get(key)
                 tally["users_found" if user is not None else "users_unknown"] += 1
@@ -234,6 +299,7 @@ def join_options(
     cache_max_entries: int = 100_000,
     batch_size: int = 400,
     max_buffered_events: int = 2_000,
+    max_lookups_in_flight: int = 2,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict:
     """The enrichment options, checked, with their defaults (keyword arguments of ``EnrichUserAttributesFn``)."""
@@ -247,9 +313,12 @@ def join_options(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(max_buffered_events, int) or max_buffered_events < 1:
         raise ValueError(f"max_buffered_events must be a positive int, got {max_buffered_events!r}")
+    if isinstance(max_lookups_in_flight, bool) or not isinstance(max_lookups_in_flight, int) \
+            or max_lookups_in_flight < 0:
+        raise ValueError(f"max_lookups_in_flight must be an int >= 0, got {max_lookups_in_flight!r}")
     return dict(cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
                 cache_max_entries=cache_max_entries, batch_size=batch_size,
-                max_buffered_events=max_buffered_events, clock=clock)
+                max_buffered_events=max_buffered_events, max_lookups_in_flight=max_lookups_in_flight, clock=clock)
 
 
 def user_join(lookup: DynamoDBUserLookup, **options) -> UserJoin:
@@ -260,7 +329,7 @@ def user_join(lookup: DynamoDBUserLookup, **options) -> UserJoin:
         cache_config=dict(ttl_seconds=options["cache_ttl_seconds"], miss_ttl_seconds=options["miss_ttl_seconds"],
                           max_entries=options["cache_max_entries"]),
         batch_size=options["batch_size"], max_buffered_events=options["max_buffered_events"],
-        clock=options["clock"],
+        max_lookups_in_flight=options["max_lookups_in_flight"], clock=options["clock"],
     )
 
 
@@ -276,12 +345,13 @@ class EnrichUserAttributesFn(beam.DoFn):
         cache_max_entries: int,
         batch_size: int,
         max_buffered_events: int,
+        max_lookups_in_flight: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._join = user_join(
             lookup, cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
             cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
-            clock=clock,
+            max_lookups_in_flight=max_lookups_in_flight, clock=clock,
         )
         self._counters = enrich_counters()
 
@@ -290,6 +360,7 @@ class EnrichUserAttributesFn(beam.DoFn):
 
     def start_bundle(self):
         self._join.tally.clear()
+        self._join.reset()
 
     def process(
         self,
@@ -303,18 +374,18 @@ class EnrichUserAttributesFn(beam.DoFn):
         if answer is not None:
             (record, event, _, _, _), user, _ = answer
             yield record, enriched(event, user)
-        elif self._join.full:
-            yield from self._flush()
+        yield from self._emit(self._join.answers())
 
     def finish_bundle(self):
-        yield from self._flush()
+        yield from self._emit(self._join.flush())
         report(self._join.tally, self._counters)
 
     def teardown(self):
         self._join.teardown()
 
-    def _flush(self):
-        for (record, event, timestamp, window, pane), user, failure in self._join.flush():
+    @staticmethod
+    def _emit(answers):
+        for (record, event, timestamp, window, pane), user, failure in answers:
             if failure is None:
                 yield WindowedValue((record, enriched(event, user)), timestamp, (window,), pane)
             else:
@@ -339,6 +410,7 @@ class EnrichWithUserAttributes(beam.PTransform):
         cache_max_entries: int = 100_000,
         batch_size: int = 400,
         max_buffered_events: int = 2_000,
+        max_lookups_in_flight: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
@@ -347,7 +419,7 @@ class EnrichWithUserAttributes(beam.PTransform):
         self._fn_args = join_options(
             cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
             cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
-            clock=clock,
+            max_lookups_in_flight=max_lookups_in_flight, clock=clock,
         )
         self._lookup = lookup
 
