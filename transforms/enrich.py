@@ -16,8 +16,10 @@ DoFn instance of the process, TTL'd, LRU-bounded; misses get a shorter TTL) are
 emitted at once; the others are buffered until ``batch_size`` distinct users
 (or ``max_buffered_events`` events) are waiting, or the bundle ends, and then
 resolved in one ``DynamoDBUserLookup.lookup`` (``BatchGetItem``, 100 keys per call,
-bounded concurrency, retries with jittered backoff). Buffered events are
-emitted with their own timestamp, window and pane. Anonymous events and
+bounded concurrency, retries with jittered backoff). Up to
+``max_lookups_in_flight`` such lookups run on background threads while the
+next events are processed (``UserJoin``); the end of a bundle waits for them.
+Buffered events are emitted with their own timestamp, window and pane. Anonymous events and
 unknown users get ``user=None, user_found=False``; events whose user could not be
 looked up become dead letters (stage ``enrich``, reason ``enrichment_unavailable``,
 retryable, ``attempts`` = tries).
