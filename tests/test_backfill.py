@@ -50,3 +50,19 @@ def test_a_line_without_received_at_is_still_read(tmp_path):
     data = pipeline | ReadBackfillFiles(str(tmp_path / "part-*")) | beam.Map(lambda r: bytes(r.data))
     assert_that(data, equal_to([b"not json at all", envelope_line(1)]))
     pipeline.run().wait_until_finish()
+
+
+def test_gzip_and_plain_files_on_s3_are_read(stack, monkeypatch):
+    """``--input=s3://...`` as the README runs it: Beam's S3 filesystem, endpoint and keys from ``AWS_*``."""
+    for name, value in stack.env().items():
+        monkeypatch.setenv(name, value)
+    s3 = stack.client("s3")
+    lines = [envelope_line(n) for n in range(50)]
+    s3.put_object(Bucket=stack.config.bucket, Key="archive/part-0.jsonl.gz",
+                  Body=gzip.compress(b"\n".join(lines) + b"\n"))
+    s3.put_object(Bucket=stack.config.bucket, Key="archive/part-1.jsonl", Body=b"\r\n".join(lines[:5]))
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    data = (pipeline | ReadBackfillFiles(f"s3://{stack.config.bucket}/archive/part-*")
+            | beam.Map(lambda r: bytes(r.data)))
+    assert_that(data, equal_to(lines + lines[:5]))
+    pipeline.run().wait_until_finish()

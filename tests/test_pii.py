@@ -255,3 +255,19 @@ def test_scrubbing_a_megabyte_of_near_misses_finishes_and_still_finds_addresses(
     assert "203.0.113.7" not in scrubbed
     assert "2001:db8::7" not in scrubbed
     assert scrubbed.endswith(f" {EMAIL_MARKER} {IP_MARKER} {IP_MARKER} ")
+
+
+def _by_ipaddress(text: str):
+    """What the ipaddress module makes of a bare IPv4 text: its /24 network, or None."""
+    try:
+        return str(ipaddress.IPv4Network((ipaddress.IPv4Address(text), 24), strict=False).network_address)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(octets=st.lists(st.integers(0, 299).map(str) | st.sampled_from(["00", "01", "007", "255", "256", "0"]),
+                       min_size=4, max_size=4))
+def test_dotted_quads_truncate_exactly_as_the_ipaddress_module_reads_them(octets):
+    text = ".".join(octets)
+    assert truncate_ip(text) == _by_ipaddress(text)

@@ -15,6 +15,8 @@ such as Firehose's hold many); split one huge file before backfilling it.
 """
 from __future__ import annotations
 
+import gzip
+
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
@@ -35,11 +37,12 @@ class _ReadLines(beam.DoFn):
 
     def process(self, readable: fileio.ReadableFile):
         path = readable.metadata.path
-        compression = CompressionTypes.GZIP if path.endswith(".gz") else CompressionTypes.UNCOMPRESSED
         fallback_ms = utc_now_ms()
-        with readable.open(compression_type=compression) as handle:
-            # Beam's CompressedFile is not iterable: read line by line (bounded memory either way).
-            for line_no, line in enumerate(iter(handle.readline, b""), start=1):
+        with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+            # Python's gzip reader over the raw stream, not Beam's CompressedFile: its readline is
+            # pure Python and took twice as long per line (bounded memory either way).
+            handle = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+            for line_no, line in enumerate(handle, start=1):
                 data = line.rstrip(b"\r\n")
                 if not data.strip():
                     continue

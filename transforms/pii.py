@@ -30,6 +30,7 @@ IP_MARKER = "[ip]"
 MAX_IP_TEXT = 100
 IPV4_PREFIX = 24
 IPV6_PREFIX = 48
+_DOTTED_QUAD = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})", re.ASCII)
 
 
 class PseudonymizationKey(Protocol):
@@ -73,6 +74,12 @@ def truncate_ip(value: Any) -> Optional[str]:
     text = _strip_decoration(value)
     if not text or not text.isascii():
         return None
+    dotted = _DOTTED_QUAD.fullmatch(text)
+    if dotted is not None:  # the common case, without ipaddress's objects (a tenth of the masking time)
+        octets = dotted.groups()
+        if all(len(octet) == 1 or (octet[0] != "0" and int(octet) <= 255) for octet in octets):
+            return f"{octets[0]}.{octets[1]}.{octets[2]}.0"
+        return None  # an octet over 255 or with a leading zero: ipaddress refuses it too
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
