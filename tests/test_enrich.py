@@ -23,7 +23,9 @@ from runners.local import free_port
 from tests.test_dynamodb_users import ScriptedClient, full_user
 from transforms.dead_letter import decode_payload
 from transforms.dynamodb_users import Backoff, DynamoDBUserLookup
-from transforms.enrich import DEAD_LETTERS, NOT_CACHED, EnrichUserAttributesFn, EnrichWithUserAttributes, UserCache
+from transforms.enrich import (
+    DEAD_LETTERS, NOT_CACHED, EnrichUserAttributesFn, EnrichWithUserAttributes, UserCache, user_join,
+)
 from transforms.records import SourceRecord
 from transforms.schemas import SchemaRegistry, default_schema_dir
 
@@ -310,6 +312,35 @@ def test_a_lookup_under_way_does_not_stall_the_events_behind_it(stack):
     finally:
         client.gate.set()
         fn.teardown()
+
+
+def test_events_waiting_for_lookups_are_bounded(stack):
+    """Past max_waiting_events waiting events, the next event waits for the oldest lookup to answer."""
+    stack.seed_users([full_user("slow-1"), full_user("slow-2")])
+    clients = []
+
+    def factory():
+        clients.append(GatedClient(stack.client("dynamodb")))
+        return clients[-1]
+
+    lookup = lookup_for(stack, client_factory=factory)
+    join = user_join(lookup, batch_size=2, max_lookups_in_flight=2, max_waiting_events=1, clock=FakeClock())
+    join.setup()
+    opener = None
+    try:
+        client = clients[0]
+        opener = threading.Thread(target=lambda: client.started.wait(timeout=30) and client.gate.set())
+        opener.start()
+        assert join.join("slow-1", "first") is None and list(join.answers()) == []  # held: nothing under way
+        assert join.join("slow-2", "second") is None
+        answered = list(join.answers())  # two wait for one lookup, more than 1: wait for it
+        assert sorted((item, user["email"]) for item, user, _ in answered) == [("first", "slow-1@example.com"),
+                                                                              ("second", "slow-2@example.com")]
+    finally:
+        if opener is not None:
+            client.gate.set()
+            opener.join(timeout=30)
+        join.teardown()
 
 
 def test_throttled_lookups_inside_the_dofn_end_enriched_and_are_counted(stack):

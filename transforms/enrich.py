@@ -156,13 +156,15 @@ class UserJoin:
     and otherwise holds the item. Held users are looked up in one batch
     (``lookup``, BatchGetItem) when ``batch_size`` users or
     ``max_buffered_events`` items are held. With ``max_lookups_in_flight`` > 0
-    the batch runs on a background thread while the caller goes on with other
-    items (an item whose user is already being looked up waits for that
-    lookup); ``answers()`` returns what finished lookups answered and waits
-    only when more than ``max_lookups_in_flight`` lookups are under way. A
+    the batch runs on one of that many background threads (later batches
+    queue) while the caller goes on with other items (an item whose user is
+    already being looked up waits for that lookup); ``answers()`` returns what
+    finished lookups answered, and waits for the oldest lookup only while more
+    than ``max_waiting_events`` items wait for lookups (bounded memory). A
     lookup's latency (network, or an emulator sharing the cores) then overlaps
-    the processing of the next events instead of stalling it. ``flush()``
-    waits for every lookup (end of bundle). With 0, lookups block the caller.
+    the processing of the next events instead of stalling it: a cold cache at
+    the start of a backfill is the common case. ``flush()`` waits for every
+    lookup (end of bundle). With 0 threads, lookups block the caller.
 
     Answers are ``(item, user, failure)``: ``failure`` is None or ``(attempts,
     code)`` of an unavailable lookup. Counts go to ``tally`` (names of
@@ -171,12 +173,14 @@ class UserJoin:
     """
 
     def __init__(self, lookup: DynamoDBUserLookup, *, cache_config: dict, batch_size: int,
-                 max_buffered_events: int, clock: Callable[[], float], max_lookups_in_flight: int = 0):
+                 max_buffered_events: int, clock: Callable[[], float], max_lookups_in_flight: int = 0,
+                 max_waiting_events: int = 20_000):
         self.lookup = lookup
         self.cache_config = cache_config
         self.batch_size = batch_size
         self.max_buffered = max_buffered_events
         self.max_in_flight = max_lookups_in_flight
+        self.max_waiting = max_waiting_events
         self.clock = clock
         self.cache: Optional[UserCache] = None
         self.tally: collections.Counter = collections.Counter()
@@ -185,7 +189,8 @@ class UserJoin:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_executor=None, _held=[], _pending=set(), _in_flight=collections.deque(), _waiting={})
+        state.update(_executor=None, _held=[], _pending=set(), _in_flight=collections.deque(), _waiting={},
+                     _waiting_items=0)
         return state
 
     def setup(self) -> None:
@@ -207,6 +212,7 @@ class UserJoin:
         self._pending: set[str] = set()
         self._in_flight: collections.deque[_Lookup] = collections.deque()
         self._waiting: dict[str, _Lookup] = {}  # key -> the lookup under way that will answer it
+        self._waiting_items = 0  # items in lookups under way
 
     def join(self, key: Any, item: Any) -> Any:
         """``(item, user, None)`` when answered now, else ``None`` (held until its lookup answers)."""
@@ -226,6 +232,7 @@ class UserJoin:
         under_way = self._waiting.get(key)
         if under_way is not None:
             under_way.items.append((key, item))
+            self._waiting_items += 1
             return None
         self._held.append((key, item))
         self._pending.add(key)
@@ -235,7 +242,7 @@ class UserJoin:
         """Starts the held batch when it is full; yields the answers of finished lookups."""
         if len(self._pending) >= self.batch_size or len(self._held) >= self.max_buffered:
             self._start()
-        while self._in_flight and (len(self._in_flight) > self.max_in_flight or self._in_flight[0].future.done()):
+        while self._in_flight and (self._in_flight[0].future.done() or self._waiting_items > self.max_waiting):
             yield from self._answer(self._in_flight.popleft())
 
     def flush(self):
@@ -255,12 +262,14 @@ class UserJoin:
             future = self._executor.submit(self.lookup.lookup, keys)
         under_way = _Lookup(future, self._held)
         self._in_flight.append(under_way)
+        self._waiting_items += len(self._held)
         for key in keys:
             self._waiting[key] = under_way
         self._held, self._pending = [], set()
 
     def _answer(self, under_way: _Lookup):
         result = under_way.future.result()
+        self._waiting_items -= len(under_way.items)
         tally = self.tally
         tally["lookup_calls"] += result.calls
         tally["throttles"] += result.throttles
@@ -302,6 +311,7 @@ def join_options(
     batch_size: int = 400,
     max_buffered_events: int = 2_000,
     max_lookups_in_flight: int = 2,
+    max_waiting_events: int = 20_000,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict:
     """The enrichment options, checked, with their defaults (keyword arguments of ``EnrichUserAttributesFn``)."""
@@ -318,9 +328,12 @@ def join_options(
     if isinstance(max_lookups_in_flight, bool) or not isinstance(max_lookups_in_flight, int) \
             or max_lookups_in_flight < 0:
         raise ValueError(f"max_lookups_in_flight must be an int >= 0, got {max_lookups_in_flight!r}")
+    if isinstance(max_waiting_events, bool) or not isinstance(max_waiting_events, int) or max_waiting_events < 0:
+        raise ValueError(f"max_waiting_events must be an int >= 0, got {max_waiting_events!r}")
     return dict(cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
                 cache_max_entries=cache_max_entries, batch_size=batch_size,
-                max_buffered_events=max_buffered_events, max_lookups_in_flight=max_lookups_in_flight, clock=clock)
+                max_buffered_events=max_buffered_events, max_lookups_in_flight=max_lookups_in_flight,
+                max_waiting_events=max_waiting_events, clock=clock)
 
 
 def user_join(lookup: DynamoDBUserLookup, **options) -> UserJoin:
@@ -331,7 +344,8 @@ def user_join(lookup: DynamoDBUserLookup, **options) -> UserJoin:
         cache_config=dict(ttl_seconds=options["cache_ttl_seconds"], miss_ttl_seconds=options["miss_ttl_seconds"],
                           max_entries=options["cache_max_entries"]),
         batch_size=options["batch_size"], max_buffered_events=options["max_buffered_events"],
-        max_lookups_in_flight=options["max_lookups_in_flight"], clock=options["clock"],
+        max_lookups_in_flight=options["max_lookups_in_flight"], max_waiting_events=options["max_waiting_events"],
+        clock=options["clock"],
     )
 
 
@@ -348,12 +362,13 @@ class EnrichUserAttributesFn(beam.DoFn):
         batch_size: int,
         max_buffered_events: int,
         max_lookups_in_flight: int = 2,
+        max_waiting_events: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._join = user_join(
             lookup, cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
             cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
-            max_lookups_in_flight=max_lookups_in_flight, clock=clock,
+            max_lookups_in_flight=max_lookups_in_flight, max_waiting_events=max_waiting_events, clock=clock,
         )
         self._counters = enrich_counters()
 
@@ -413,6 +428,7 @@ class EnrichWithUserAttributes(beam.PTransform):
         batch_size: int = 400,
         max_buffered_events: int = 2_000,
         max_lookups_in_flight: int = 2,
+        max_waiting_events: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
@@ -421,7 +437,7 @@ class EnrichWithUserAttributes(beam.PTransform):
         self._fn_args = join_options(
             cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
             cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
-            max_lookups_in_flight=max_lookups_in_flight, clock=clock,
+            max_lookups_in_flight=max_lookups_in_flight, max_waiting_events=max_waiting_events, clock=clock,
         )
         self._lookup = lookup
 
