@@ -35,6 +35,8 @@ TABLE = [
     ("backfill_events_per_s", "ev/s", None),
     ("baseline_events_per_s", "ev/s", None),
     ("backfill_to_baseline_ratio", "", ">= 1.4"),
+    ("baseline_two_processes_events_per_s", "ev/s", None),
+    ("backfill_to_two_processes_ratio", "", None),
     ("stream_events_per_s", "ev/s", ">= 5000"),
     ("stream_kept_up", "", "true"),
     ("freshness_p50_s", "s", None),
@@ -67,7 +69,8 @@ def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: i
         detail = backfill.run(events=backfill_events, files=backfill_files, runner=backfill_runner)
         results["details"]["backfill"] = detail
         for key in ("backfill_events", "backfill_events_per_s", "baseline_events_per_s",
-                    "backfill_to_baseline_ratio", "backfill_peak_rss_mb"):
+                    "backfill_to_baseline_ratio", "baseline_two_processes_events_per_s",
+                    "backfill_to_two_processes_ratio", "backfill_peak_rss_mb"):
             results[key] = detail.get(key if key != "backfill_events" else "events")
         results["backfill_runner"] = detail["backfill_run"]["runner"]
         peaks.append(detail["backfill_peak_rss_mb"])

@@ -10,6 +10,12 @@ process's. Usage::
 
     python -m bench.backfill [--events 500000] [--files 8] [--runner fnapi2]
 
+Two yardsticks run on the same data after the pipeline (``bench.baseline``):
+the plain loop in one process, and the same loop in two processes side by
+side, each on half of the files: what this machine gives two perfectly split
+copies of the work (``backfill_to_two_processes_ratio`` says how much of
+that the pipeline's two workers reach).
+
 Runners (``RUNNERS``): ``fnapi2`` (FnApiRunner, two worker processes: uses both
 cores), ``fnapi1`` (FnApiRunner, one process), ``prism`` (Prism, one LOOPBACK
 SDK worker).
@@ -138,11 +144,16 @@ def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users:
             from bench import baseline
 
             base = baseline.run_on(data["pattern"], os.path.join(workdir, "baseline_lake"), stack=stack)
+            split = baseline.run_side_by_side(data["pattern"], os.path.join(workdir, "baseline_split_lake"),
+                                              stack=stack, processes=2)
             result.update({
                 "baseline_events_per_s": base["events_per_s"],
                 "baseline_seconds": base["seconds"],
                 "baseline_run": base,
                 "backfill_to_baseline_ratio": round(result["backfill_events_per_s"] / base["events_per_s"], 3),
+                "baseline_two_processes_events_per_s": split["events_per_s"],
+                "baseline_two_processes_run": split,
+                "backfill_to_two_processes_ratio": round(result["backfill_events_per_s"] / split["events_per_s"], 3),
             })
         return result
     finally:

@@ -50,12 +50,13 @@ def test_backfill_and_baseline_process_every_event(moto_server, tmp_path):
                        server=moto_server).start()
     results = backfill.run(events=400, files=2, runner="fnapi1", users=50, workdir=str(tmp_path), stack=stack)
     for key in ("backfill_events_per_s", "baseline_events_per_s", "backfill_to_baseline_ratio",
-                "backfill_peak_rss_mb"):
+                "baseline_two_processes_events_per_s", "backfill_to_two_processes_ratio", "backfill_peak_rss_mb"):
         assert results[key] > 0, key
-    pipeline, base = results["backfill_run"], results["baseline_run"]
-    assert pipeline["read"] == base["read"] == 400
-    assert pipeline["conserved"] and base["conserved"]
-    assert pipeline["rows_written"] == base["rows_written"]  # the same work on the same data
+    pipeline, base, split = results["backfill_run"], results["baseline_run"], results["baseline_two_processes_run"]
+    assert pipeline["read"] == base["read"] == split["read"] == 400
+    assert pipeline["conserved"] and base["conserved"] and split["conserved"]
+    # the same work on the same data
+    assert pipeline["rows_written"] == base["rows_written"] == split["rows_written"]
 
 
 def test_stream_bench_sees_every_event_land(tmp_path):

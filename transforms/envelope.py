@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import time
 import uuid
 from typing import Annotated, Any, Optional
 
@@ -135,7 +136,8 @@ def validate_event(obj: Any, limits: Limits = DEFAULT_LIMITS) -> Envelope:
 
 
 def utc_now_ms() -> int:
-    return int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
+    """Now, as epoch milliseconds (stamped on every row: ``time_ns`` costs a tenth of a ``datetime``)."""
+    return time.time_ns() // 1_000_000
 
 
 def format_rfc3339_ms(epoch_ms: int) -> str:
