@@ -153,7 +153,11 @@ def run_on(pattern, lake: str, *, stack: LocalStack, schema_dir: str = SCHEMA_DI
 
 
 def _run_part(paths: list, lake: str, stack: LocalStack, results) -> None:
-    results.put(run_on(paths, lake, stack=stack))
+    try:
+        results.put(run_on(paths, lake, stack=stack))
+    except BaseException as exc:  # noqa: BLE001 - the parent must hear of it instead of waiting
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
 
 
 def run_side_by_side(pattern: str, lake: str, *, stack: LocalStack, processes: int = 2) -> dict:
@@ -172,9 +176,16 @@ def run_side_by_side(pattern: str, lake: str, *, stack: LocalStack, processes: i
                                                       stack, results)) for index in range(processes)]
     for worker in workers:
         worker.start()
-    parts = [results.get(timeout=3600) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
+    try:
+        parts = [results.get(timeout=3600) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+    failed = [part["error"] for part in parts if "error" in part]
+    if failed:
+        raise RuntimeError(f"a baseline process failed: {failed[0]}")
     seconds = time.monotonic() - started
     read = sum(part["read"] for part in parts)
     return {"processes": processes, "read": read, "rows_written": sum(part["rows_written"] for part in parts),

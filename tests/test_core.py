@@ -165,3 +165,80 @@ def test_process_events_full_chain_conserves_every_record(stack, monkeypatch):
     assert counts["enrich.received"] == counts["validate.succeeded"]
     assert counts["mask.received"] == counts["enrich.succeeded"]
     assert counts["core.received"] == 1100 and counts["core.succeeded"] == 1000 and counts["core.dead_lettered"] == 100
+
+
+class _RowTime(beam.DoFn):
+    def process(self, row, timestamp=beam.DoFn.TimestampParam):
+        yield row["event_id"], timestamp.micros // 1000 == row["received_at"]
+
+
+def _local_pipeline() -> beam.Pipeline:
+    """FnApiRunner in this process, so that a monkeypatch reaches the DoFns."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+
+
+def test_rows_leave_in_their_event_time_even_after_waiting_for_a_lookup(stack, monkeypatch):
+    """Every row (all wait for a batched lookup: the cache starts cold) carries its received_at as timestamp, also a
+    line without received_at, whose element timestamp moves forward to the time it was read."""
+    monkeypatch.setenv("EVENTLAKE_PSEUDONYMIZATION_KEYS", "k1=test-secret-not-real")
+    stack.seed_users(EventMix(SCHEMAS, seed=11).users())
+    envelopes = valid_envelopes(200)
+    bare = {k: v for k, v in envelopes[0].items() if k != "received_at"} | {"event_id": "no-received-at"}
+    p = _local_pipeline()
+    rows, _ = (p | beam.Create(source_records([to_wire(e) for e in envelopes] + [to_wire(bare)]))
+               | ProcessEvents(SCHEMAS, stack.config.users_table, endpoint_url=stack.endpoint,
+                               region_name=stack.config.region, enrich_options={"batch_size": 7}))
+    assert_that(rows | beam.ParDo(_RowTime()) | beam.Map(lambda pair: pair[1]) | beam.combiners.Count.PerElement(),
+                equal_to([(True, 201)]))
+    p.run().wait_until_finish()
+
+
+def test_an_enrichment_outage_dead_letters_users_events_as_retryable(stack, monkeypatch):
+    monkeypatch.setenv("EVENTLAKE_PSEUDONYMIZATION_KEYS", "k1=test-secret-not-real")
+    envelopes = valid_envelopes(120)
+    with_user = sum(1 for e in envelopes if e.get("user_id"))
+    assert 0 < with_user < 120
+    p = _local_pipeline()
+    rows, dead = (p | beam.Create(source_records([to_wire(e) for e in envelopes]))
+                  | ProcessEvents(SCHEMAS, "no-such-table", endpoint_url=stack.endpoint,
+                                  region_name=stack.config.region,
+                                  enrich_options={"batch_size": 10, "cache_ttl_seconds": 0, "miss_ttl_seconds": 0}))
+    assert_that(rows | beam.Map(lambda r: (r["user_found"], r["user_id"] is None)) | beam.Distinct(),
+                equal_to([(False, True)]), label="OnlyAnonymousRows")
+    assert_that(dead | beam.Map(lambda d: (d["failure"]["stage"], d["failure"]["reason"], d["failure"]["retryable"]))
+                | beam.combiners.Count.PerElement(),
+                equal_to([(("enrich", "enrichment_unavailable", True), with_user)]), label="RetryableLetters")
+    result = p.run()
+    result.wait_until_finish()
+    counts = collections.Counter(counters(result))
+    assert counts["core.received"] == 120 and counts["core.dead_lettered"] == with_user
+    assert counts["enrich.dead_lettered"] == with_user and counts["core.succeeded"] == 120 - with_user
+
+
+def test_a_masking_failure_is_a_dead_letter_without_the_value(stack, monkeypatch):
+    from transforms.mask import PersonalDataMasker
+
+    monkeypatch.setenv("EVENTLAKE_PSEUDONYMIZATION_KEYS", "k1=test-secret-not-real")
+    stack.seed_users(EventMix(SCHEMAS, seed=11).users())
+    envelopes = valid_envelopes(60)
+    failing_type = envelopes[0]["event_type"]
+    original = PersonalDataMasker.mask
+
+    def mask(self, event):
+        if event["event_type"] == failing_type:
+            raise ValueError(f"cannot mask {event['user_id']} jane.doe@example.com")
+        return original(self, event)
+
+    monkeypatch.setattr(PersonalDataMasker, "mask", mask)
+    expected = sum(1 for e in envelopes if e["event_type"] == failing_type)
+    p = _local_pipeline()
+    rows, dead = (p | beam.Create(source_records([to_wire(e) for e in envelopes]))
+                  | ProcessEvents(SCHEMAS, stack.config.users_table, endpoint_url=stack.endpoint,
+                                  region_name=stack.config.region))
+    assert_that(rows | beam.combiners.Count.Globally(), equal_to([60 - expected]), label="OtherRows")
+    assert_that(dead | beam.Map(lambda d: (d["failure"]["stage"], d["failure"]["reason"], d["failure"]["message"]))
+                | beam.Distinct(), equal_to([("mask", "masking_failed", "masking failed (ValueError)")]),
+                label="MaskLetters")
+    p.run().wait_until_finish()

@@ -296,6 +296,7 @@ def test_a_lookup_under_way_does_not_stall_the_events_behind_it(stack):
         client.gate.set()
         assert [e["user_found"] for _, e in run_bundle(fn, [event_for(0, "cached")])] == [True]
         client.gate.clear()
+        client.started.clear()
         fn.start_bundle()
         emitted = [list(fn.process(event_for(n, user), Timestamp(n), window.GlobalWindow(), PANE_INFO_UNKNOWN))
                    for n, user in enumerate(["slow-1", "slow-2"], start=1)]
@@ -315,7 +316,8 @@ def test_a_lookup_under_way_does_not_stall_the_events_behind_it(stack):
 
 
 def test_events_waiting_for_lookups_are_bounded(stack):
-    """Past max_waiting_events waiting events, the next event waits for the oldest lookup to answer."""
+    """Up to max_waiting_events events wait for lookups without stopping the caller; past it, answers() waits for
+    the oldest lookup."""
     stack.seed_users([full_user("slow-1"), full_user("slow-2")])
     clients = []
 
@@ -323,24 +325,34 @@ def test_events_waiting_for_lookups_are_bounded(stack):
         clients.append(GatedClient(stack.client("dynamodb")))
         return clients[-1]
 
-    lookup = lookup_for(stack, client_factory=factory)
-    join = user_join(lookup, batch_size=2, max_lookups_in_flight=2, max_waiting_events=1, clock=FakeClock())
-    join.setup()
-    opener = None
+    joins = {limit: user_join(lookup_for(stack, client_factory=factory), batch_size=2, max_lookups_in_flight=2,
+                              max_waiting_events=limit, clock=FakeClock()) for limit in (2, 1)}
+    for join in joins.values():
+        join.setup()
+    waiter = None
     try:
-        client = clients[0]
-        opener = threading.Thread(target=lambda: client.started.wait(timeout=30) and client.gate.set())
-        opener.start()
-        assert join.join("slow-1", "first") is None and list(join.answers()) == []  # held: nothing under way
-        assert join.join("slow-2", "second") is None
-        answered = list(join.answers())  # two wait for one lookup, more than 1: wait for it
+        for join in joins.values():
+            assert join.join("slow-1", "first") is None and list(join.answers()) == []  # held, not yet looked up
+            assert join.join("slow-2", "second") is None
+        assert list(joins[2].answers()) == []  # two wait, as many as allowed: the caller goes on
+        answered = []
+        waiter = threading.Thread(target=lambda: answered.extend(joins[1].answers()))
+        waiter.start()  # two wait, one allowed: this waits for the lookup, which waits for the gate
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and answered == []
+        for client in clients:
+            client.gate.set()
+        waiter.join(timeout=30)
         assert sorted((item, user["email"]) for item, user, _ in answered) == [("first", "slow-1@example.com"),
                                                                               ("second", "slow-2@example.com")]
+        assert sorted(item for item, _, _ in joins[2].flush()) == ["first", "second"]
     finally:
-        if opener is not None:
+        for client in clients:
             client.gate.set()
-            opener.join(timeout=30)
-        join.teardown()
+        if waiter is not None:
+            waiter.join(timeout=30)
+        for join in joins.values():
+            join.teardown()
 
 
 def test_throttled_lookups_inside_the_dofn_end_enriched_and_are_counted(stack):

@@ -175,6 +175,27 @@ def test_written_file_descriptors_account_for_every_row(tmp_path):
     p.run().wait_until_finish()
 
 
+@pytest.mark.parametrize("max_buffered_rows", [50_000, 1, 7])
+def test_every_file_holds_only_rows_of_its_window_and_day(tmp_path, max_buffered_rows):
+    """Rows travel in Arrow chunks per bundle (flushed every max_buffered_rows): each file's window must contain
+    the event time of every row in it, and its day partition their received_at day."""
+    out = str(tmp_path / "lake")
+    rows = mixed_rows(60)
+    totals, _, _ = run_bounded(rows, out, max_buffered_rows=max_buffered_rows)
+    assert totals["lake.rows_written"] == 60
+    seen = []
+    for path in parquet_files(out):
+        start, end = os.path.basename(path).split("-")[:2]
+        window = [dt.datetime.strptime(t, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC) for t in (start, end)]
+        assert window[1] - window[0] == dt.timedelta(seconds=60)
+        day = "/".join(part.split("=")[1] for part in path.split(os.sep) if part.split("=")[0] in ("year", "month", "day"))
+        for stored in pq.read_table(path, columns=["event_id", "received_at"]).to_pylist():
+            assert window[0] <= stored["received_at"] < window[1], path
+            assert stored["received_at"].strftime("%Y/%m/%d") == day, path
+            seen.append(stored["event_id"])
+    assert sorted(seen) == sorted(r["event_id"] for r in rows)
+
+
 def test_nested_struct_list_and_timestamp_columns_round_trip(tmp_path):
     out = str(tmp_path / "lake")
     row = workout_row(1, BASE_MS)
@@ -237,7 +258,8 @@ def test_large_groups_split_into_bounded_files_and_row_groups(tmp_path):
     assert sizes == [20, 40, 40]
     for f in files:
         groups = [pq.ParquetFile(f).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(f).num_row_groups)]
-        assert max(groups) <= 15 and sum(groups) == pq.ParquetFile(f).metadata.num_rows
+        assert sum(groups) == pq.ParquetFile(f).metadata.num_rows
+        assert groups[:-1] == [15] * (len(groups) - 1) and groups[-1] <= 15  # full row groups, one short at the end
     ids = ds.dataset(os.path.join(out, "events"), partitioning="hive").to_table(columns=["event_id"])
     assert sorted(ids.column("event_id").to_pylist()) == sorted(r["event_id"] for r in rows)
     assert totals["lake.files_written"] == 3

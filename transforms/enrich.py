@@ -189,8 +189,8 @@ class UserJoin:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_executor=None, _held=[], _pending=set(), _in_flight=collections.deque(), _waiting={},
-                     _waiting_items=0)
+        state.update(cache=None, _executor=None, _held=[], _pending=set(), _in_flight=collections.deque(),
+                     _waiting={}, _waiting_items=0)
         return state
 
     def setup(self) -> None:

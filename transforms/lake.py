@@ -255,11 +255,11 @@ class _WritePartitionFn(beam.DoFn):
                 pending.append(table)
                 pending_rows += table.num_rows
                 if pending_rows >= self.row_group_size:
-                    staged, published = self._write(staged, pending, schema, context)
-                    pending, pending_rows = [], 0
+                    staged, pending, published = self._write(staged, pending, schema, context, final=False)
+                    pending_rows = sum(table.num_rows for table in pending)
                     yield from published
             if pending:
-                staged, published = self._write(staged, pending, schema, context)
+                staged, _, published = self._write(staged, pending, schema, context, final=True)
                 yield from published
             if staged is not None:
                 yield self._publish(staged, context)
@@ -268,8 +268,9 @@ class _WritePartitionFn(beam.DoFn):
             if staged is not None:
                 staged.discard()
 
-    def _write(self, staged, tables, schema, context):
-        """Appends ``tables`` in row groups of at most ``row_group_size``; publishes every full file."""
+    def _write(self, staged, tables, schema, context, *, final: bool):
+        """Appends ``tables`` in row groups of ``row_group_size`` rows (fewer only at the end of a file or of the
+        group); returns the staged file, the rows kept for the next row group, and the files published."""
         published = []
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         offset = 0
@@ -277,12 +278,14 @@ class _WritePartitionFn(beam.DoFn):
             if staged is None:
                 staged = _StagedFile(self.store, schema, self.compression)
             take = min(table.num_rows - offset, self.max_rows_per_file - staged.rows, self.row_group_size)
+            if take < self.row_group_size and take == table.num_rows - offset and not final:
+                return staged, [table.slice(offset)], published  # a short row group: wait for more rows
             staged.write(table.slice(offset, take))
             offset += take
             if staged.rows >= self.max_rows_per_file:
                 published.append(self._publish(staged, context))
                 staged = None
-        return staged, published
+        return staged, [], published
 
     def _publish(self, staged: _StagedFile, context: dict) -> dict:
         digest = staged.close()
