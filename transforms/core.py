@@ -93,7 +93,6 @@ class ProcessRecordsFn(beam.DoFn):
 
     def start_bundle(self):
         self._tally.clear()
-        self._join.tally.clear()
         self._join.reset()
 
     def process(self, record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,

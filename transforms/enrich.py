@@ -207,7 +207,8 @@ class UserJoin:
         self.lookup.teardown()
 
     def reset(self) -> None:
-        """Forgets held items and lookups under way (a new bundle after a failed one)."""
+        """A new bundle: zero counts, and forget held items and lookups under way (after a failed bundle)."""
+        self.tally.clear()
         self._held: list = []
         self._pending: set[str] = set()
         self._in_flight: collections.deque[_Lookup] = collections.deque()
@@ -314,7 +315,8 @@ def join_options(
     max_waiting_events: int = 20_000,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict:
-    """The enrichment options, checked, with their defaults (keyword arguments of ``EnrichUserAttributesFn``)."""
+    """The enrichment options, checked, with their defaults: the one place they are defined, for
+    ``EnrichWithUserAttributes``, ``EnrichUserAttributesFn``, ``ProcessEvents(enrich_options=...)`` and ``user_join``."""
     if cache_ttl_seconds < 0:
         raise ValueError(f"cache_ttl_seconds must be >= 0, got {cache_ttl_seconds!r}")
     if miss_ttl_seconds < 0 or miss_ttl_seconds > cache_ttl_seconds:
@@ -350,33 +352,19 @@ def user_join(lookup: DynamoDBUserLookup, **options) -> UserJoin:
 
 
 class EnrichUserAttributesFn(beam.DoFn):
-    """Buffers cache misses, looks them up in batches, emits events or dead letters."""
+    """Buffers cache misses, looks them up in batches, emits events or dead letters.
 
-    def __init__(
-        self,
-        lookup: DynamoDBUserLookup,
-        *,
-        cache_ttl_seconds: float,
-        miss_ttl_seconds: float,
-        cache_max_entries: int,
-        batch_size: int,
-        max_buffered_events: int,
-        max_lookups_in_flight: int = 2,
-        max_waiting_events: int = 20_000,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self._join = user_join(
-            lookup, cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
-            cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
-            max_lookups_in_flight=max_lookups_in_flight, max_waiting_events=max_waiting_events, clock=clock,
-        )
+    ``options`` are those of :func:`join_options` (checked there, with their defaults).
+    """
+
+    def __init__(self, lookup: DynamoDBUserLookup, **options):
+        self._join = user_join(lookup, **options)
         self._counters = enrich_counters()
 
     def setup(self):
         self._join.setup()
 
     def start_bundle(self):
-        self._join.tally.clear()
         self._join.reset()
 
     def process(
@@ -415,30 +403,16 @@ class EnrichWithUserAttributes(beam.PTransform):
 
     Input and output elements are ``(SourceRecord, event)``; see docs/CONTRACTS.md.
     ``lookup`` is the backend (a :class:`DynamoDBUserLookup`; clients are made on the
-    workers). Use :meth:`for_table` to build both from a table name and ``_user.json``.
+    workers); ``options`` are those of :func:`join_options` (cache TTLs and size, lookup
+    batching and concurrency). Use :meth:`for_table` to build both from a table name and
+    ``_user.json``.
     """
 
-    def __init__(
-        self,
-        lookup: DynamoDBUserLookup,
-        *,
-        cache_ttl_seconds: float = 300.0,
-        miss_ttl_seconds: float = 30.0,
-        cache_max_entries: int = 100_000,
-        batch_size: int = 400,
-        max_buffered_events: int = 2_000,
-        max_lookups_in_flight: int = 2,
-        max_waiting_events: int = 20_000,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, lookup: DynamoDBUserLookup, **options):
         super().__init__()
         if not callable(getattr(lookup, "lookup", None)) or not hasattr(lookup, "cache_key"):
             raise ValueError(f"lookup must be a user lookup backend, got {type(lookup).__name__}")
-        self._fn_args = join_options(
-            cache_ttl_seconds=cache_ttl_seconds, miss_ttl_seconds=miss_ttl_seconds,
-            cache_max_entries=cache_max_entries, batch_size=batch_size, max_buffered_events=max_buffered_events,
-            max_lookups_in_flight=max_lookups_in_flight, max_waiting_events=max_waiting_events, clock=clock,
-        )
+        self._fn_args = join_options(**options)
         self._lookup = lookup
 
     @classmethod
