@@ -52,9 +52,10 @@ def tree_rss_bytes(root: int) -> int:
 
 
 class PeakMemory:
-    """Samples the resident memory of process trees in a thread; keeps the peak of their sum.
+    """Samples the resident memory of process trees in a thread; keeps the peak of their sum and every sample.
 
-    ``with PeakMemory(interval_s=0.5) as peak: peak.watch(pid) ...`` then ``peak.mb``.
+    ``with PeakMemory(interval_s=0.5) as peak: peak.watch(pid) ...`` then ``peak.mb``, or
+    ``peak.growth(since, until)`` to see whether memory stayed flat under a steady load.
     """
 
     def __init__(self, *roots: int, interval_s: float = 0.5):
@@ -63,6 +64,7 @@ class PeakMemory:
         self.roots = list(roots)
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.samples: list[tuple[float, int]] = []  # (time.monotonic(), bytes)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -72,7 +74,24 @@ class PeakMemory:
     def sample(self) -> int:
         now = sum(tree_rss_bytes(pid) for pid in list(self.roots))
         self.peak_bytes = max(self.peak_bytes, now)
+        self.samples.append((time.monotonic(), now))
         return now
+
+    def growth(self, since: float, until: float) -> dict:
+        """Memory between two ``time.monotonic()`` moments: first and last MiB, and the least-squares slope.
+
+        The slope (MiB per minute) is what "memory flat" is judged on: a leak shows as a steady climb, while
+        the first and last samples alone also move with garbage collection and bundle sizes.
+        """
+        points = [(t, b / 2**20) for t, b in self.samples if since <= t <= until]
+        if len(points) < 2:
+            raise ValueError(f"need at least two memory samples between {since} and {until}, got {len(points)}")
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_mb = sum(mb for _, mb in points) / len(points)
+        spread = sum((t - mean_t) ** 2 for t, _ in points)
+        slope = sum((t - mean_t) * (mb - mean_mb) for t, mb in points) / spread if spread else 0.0
+        return {"first_mb": round(points[0][1], 1), "last_mb": round(points[-1][1], 1),
+                "mean_mb": round(mean_mb, 1), "growth_mb_per_min": round(slope * 60, 2), "samples": len(points)}
 
     @property
     def mb(self) -> float:

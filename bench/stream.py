@@ -18,18 +18,29 @@ really drained at). ``offered_events_per_s`` is what was posted; the pipeline
 kept up (``kept_up``) when every accepted event landed with freshness p95 <=
 window + 10 s. Usage::
 
-    python -m bench.stream [--rate 1000] [--duration 60] [--window 10]
+``capacity`` measures the pipeline's own ceiling, which ``run`` cannot reach on
+a machine where the ingress and the emulator's PutRecords are slower than the
+pipeline: a backlog is put straight on Kinesis before the pipeline starts, and
+``stream_capacity_events_per_s`` is how fast rows then land (see its docstring).
+
+Memory is sampled every half second; ``stream_memory_growth_mb_per_min`` is the
+least-squares slope of the pipeline's resident memory over the measured load
+(warm-up excluded), which is what "memory flat" is judged on. Usage::
+
+    python -m bench.stream [--rate 1000] [--duration 120] [--window 10] [--capacity_events 100000]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import threading
 import time
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Optional
 
 import pyarrow.parquet as pq
 import requests
@@ -40,8 +51,11 @@ from bench.machine import PeakMemory
 from runners.loadgen import EventMix
 from runners.local import LocalStack, StackConfig, free_port, wait_until
 from runners.processes import Child
+from transforms.envelope import stamp, to_wire, utc_now_ms, validate_event
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Memory grows less than this share of its mean over the measured load (per 2 minutes) to count as flat.
+FLAT_MEMORY_SHARE = 0.05
 
 
 class LakeWatcher:
@@ -151,94 +165,202 @@ def post_steadily(url: str, mix: EventMix, *, rate: float, duration_s: float, ba
             "post_p99_ms": round(_percentile(latencies, 0.99) * 1000, 1)}
 
 
-def run(*, rate: float = 1000.0, duration_s: float = 60.0, window_s: int = 10, batch: int = 100,
+@contextlib.contextmanager
+def _workdir(workdir: Optional[str], prefix: str) -> Iterator[str]:
+    if workdir is not None:
+        yield workdir
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _stack(name: str, shards: int, mix: EventMix) -> Iterator[LocalStack]:
+    """A local stack of its own with the mix's users in DynamoDB; stopped on the way out."""
+    stack = LocalStack(StackConfig(stream=name, shards=shards, users_table=f"{name}-users",
+                                   dead_letter_queue=f"{name}-dlq", bucket=f"{name}-lake"))
+    try:
+        stack.start()
+        stack.seed_users(mix.users())
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _env(stack: LocalStack) -> dict:
+    return {**os.environ, **stack.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0",
+            "EVENTLAKE_PSEUDONYMIZATION_KEYS": BENCH_KEYS}
+
+
+def _start_pipeline(stack: LocalStack, workdir: str, window_s: int) -> Child:
+    """``pipelines.events`` in streaming mode on Prism, as a child process writing to ``workdir``/lake.
+
+    No idle stop: the bench stops it once it has measured. After a warm-up batch and silence, the source's idle
+    advance (default 5 s) lets the warm-up window close.
+    """
+    return Child.python("pipeline", [
+        "pipelines.events", "--mode=stream", f"--input_stream={stack.config.stream}",
+        f"--users_table={stack.config.users_table}", f"--output={os.path.join(workdir, 'lake')}",
+        f"--dead_letter={os.path.join(workdir, 'dead_letters')}", f"--schema_dir={SCHEMA_DIR}",
+        f"--window_seconds={window_s}",
+    ], env=_env(stack), log_path=os.path.join(workdir, "pipeline.log"), cwd=ROOT)
+
+
+def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, batch: int = 100,
         clients: int = 8, shards: int = 2, users: int = 2000, workers: int = 1, threads: int = 16,
         workdir: Optional[str] = None, drain_timeout_s: float = 180.0) -> dict:
     """One streaming measurement on its own local stack; see the module docstring."""
     if rate <= 0 or duration_s <= 0 or window_s < 1 or not 1 <= batch <= 500 or clients < 1:
         raise ValueError(f"invalid stream bench settings: rate={rate}, duration_s={duration_s}, "
                          f"window_s={window_s}, batch={batch}, clients={clients}")
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="eventlake-bench-stream-")
-        workdir = tmp.name
-    lake = os.path.join(workdir, "lake")
     mix = EventMix(SCHEMA_DIR, users=users, seed=11, invalid_rate=0.0)
-    stack = LocalStack(StackConfig(stream="bench-stream", shards=shards, users_table="bench-stream-users",
-                                   dead_letter_queue="bench-stream-dlq", bucket="bench-stream-lake"))
     gunicorn = pipeline = None
-    try:
-        stack.start()
-        stack.seed_users(mix.users())
-        env = {**os.environ, **stack.env(), "EVENTLAKE_WRITE_KEYS": WRITE_KEY, "EVENTLAKE_RATE_LIMIT_RPS": "0",
-               "EVENTLAKE_PSEUDONYMIZATION_KEYS": BENCH_KEYS}
-        port = free_port()
-        gunicorn = _start_gunicorn(env, port, workers, threads)
-        url = f"http://127.0.0.1:{port}/v1/events"
-        pipeline = Child.python("pipeline", [
-            "pipelines.events", "--mode=stream", f"--input_stream={stack.config.stream}",
-            f"--users_table={stack.config.users_table}", f"--output={lake}",
-            f"--dead_letter={os.path.join(workdir, 'dead_letters')}", f"--schema_dir={SCHEMA_DIR}",
-            f"--window_seconds={window_s}",  # no idle stop: the bench stops it when measured
-            # The warm-up batch is followed by silence: the idle advance (default 5 s) lets its window close.
-        ], env=env, log_path=os.path.join(workdir, "pipeline.log"), cwd=ROOT)
-        with PeakMemory(pipeline.proc.pid) as peak, LakeWatcher(lake) as watcher:
-            warm = post_steadily(url, mix, rate=100, duration_s=1, batch=100, clients=1)
-            wait_until(lambda: not pipeline.running() or all(i in watcher.seen_at for i in warm["accepted_at"]),
-                       timeout=300, interval=0.25, what="the warm-up events in the lake")
-            if not pipeline.running():
-                raise RuntimeError(f"the streaming pipeline exited early: {pipeline.tail()[-2000:]}")
-            load = post_steadily(url, mix, rate=rate, duration_s=duration_s, batch=batch, clients=clients)
-            accepted = load["accepted_at"]
-            # Load goes on (unmeasured) for a window and more, as real traffic would: on an idle stream
-            # the last window waits for the source's idle watermark, which is not what is measured here.
-            post_steadily(url, mix, rate=rate, duration_s=window_s + 10, batch=batch, clients=clients)
-            try:
-                wait_until(lambda: all(i in watcher.seen_at for i in accepted), timeout=drain_timeout_s,
-                           interval=0.5, what="every accepted event in the lake")
-            except TimeoutError:
-                pass  # reported below as landed < accepted
-            watcher.poll()
-        fresh = sorted(watcher.seen_at[i] - t for i, t in accepted.items() if i in watcher.seen_at)
-        landed = len(fresh)
-        p95 = _percentile(fresh, 0.95)
-        # end to end: from the first 202 to the last of those events readable in the lake
-        span = (max(watcher.seen_at[i] for i in accepted if i in watcher.seen_at) - min(accepted.values())
-                if landed else 0.0)
-        return {
-            "settings": {"rate": rate, "duration_s": duration_s, "window_s": window_s, "batch": batch,
-                         "clients": clients, "shards": shards, "gunicorn_workers": workers},
-            "accepted": len(accepted), "landed": landed, "failed_requests": load["failed_requests"],
-            "posting_s": round(load["posting_s"], 1), "max_behind_schedule_s": load["max_behind_schedule_s"],
-            "post_p50_ms": load["post_p50_ms"], "post_p99_ms": load["post_p99_ms"],
-            "stream_events_per_s": round(landed / span, 1) if span > 0 else 0.0,
-            "offered_events_per_s": round(len(accepted) / load["posting_s"], 1),
-            "freshness_p50_s": round(_percentile(fresh, 0.5), 2),
-            "freshness_p95_s": round(p95, 2),
-            "freshness_max_s": round(fresh[-1], 2) if fresh else None,
-            "kept_up": landed == len(accepted) and p95 <= window_s + 10,
-            "stream_peak_rss_mb": peak.mb,
-        }
-    finally:
-        if pipeline is not None:
-            pipeline.stop()
-        if gunicorn is not None:
-            _stop(gunicorn)
-        stack.stop()
-        if tmp is not None:
-            tmp.cleanup()
+    with _workdir(workdir, "eventlake-bench-stream-") as workdir, _stack("bench-stream", shards, mix) as stack:
+        try:
+            port = free_port()
+            gunicorn = _start_gunicorn(_env(stack), port, workers, threads)
+            url = f"http://127.0.0.1:{port}/v1/events"
+            pipeline = _start_pipeline(stack, workdir, window_s)
+            with PeakMemory(pipeline.proc.pid) as peak, LakeWatcher(os.path.join(workdir, "lake")) as watcher:
+                warm = post_steadily(url, mix, rate=100, duration_s=1, batch=100, clients=1)
+                wait_until(lambda: not pipeline.running() or all(i in watcher.seen_at for i in warm["accepted_at"]),
+                           timeout=300, interval=0.25, what="the warm-up events in the lake")
+                if not pipeline.running():
+                    raise RuntimeError(f"the streaming pipeline exited early: {pipeline.tail()[-2000:]}")
+                measured_from = time.monotonic()
+                load = post_steadily(url, mix, rate=rate, duration_s=duration_s, batch=batch, clients=clients)
+                measured_until = time.monotonic()
+                accepted = load["accepted_at"]
+                # Load goes on (unmeasured) for a window and more, as real traffic would: on an idle stream
+                # the last window waits for the source's idle watermark, which is not what is measured here.
+                post_steadily(url, mix, rate=rate, duration_s=window_s + 10, batch=batch, clients=clients)
+                try:
+                    wait_until(lambda: all(i in watcher.seen_at for i in accepted), timeout=drain_timeout_s,
+                               interval=0.5, what="every accepted event in the lake")
+                except TimeoutError:
+                    pass  # reported below as landed < accepted
+                watcher.poll()
+        finally:
+            if pipeline is not None:
+                pipeline.stop()
+            if gunicorn is not None:
+                _stop(gunicorn)
+    fresh = sorted(watcher.seen_at[i] - t for i, t in accepted.items() if i in watcher.seen_at)
+    landed = len(fresh)
+    p95 = _percentile(fresh, 0.95)
+    # end to end: from the first 202 to the last of those events readable in the lake
+    span = (max(watcher.seen_at[i] for i in accepted if i in watcher.seen_at) - min(accepted.values())
+            if landed else 0.0)
+    memory = peak.growth(measured_from, measured_until)
+    return {
+        "settings": {"rate": rate, "duration_s": duration_s, "window_s": window_s, "batch": batch,
+                     "clients": clients, "shards": shards, "gunicorn_workers": workers},
+        "accepted": len(accepted), "landed": landed, "failed_requests": load["failed_requests"],
+        "posting_s": round(load["posting_s"], 1), "max_behind_schedule_s": load["max_behind_schedule_s"],
+        "post_p50_ms": load["post_p50_ms"], "post_p99_ms": load["post_p99_ms"],
+        "stream_events_per_s": round(landed / span, 1) if span > 0 else 0.0,
+        "offered_events_per_s": round(len(accepted) / load["posting_s"], 1),
+        "freshness_p50_s": round(_percentile(fresh, 0.5), 2),
+        "freshness_p95_s": round(p95, 2),
+        "freshness_max_s": round(fresh[-1], 2) if fresh else None,
+        "kept_up": landed == len(accepted) and p95 <= window_s + 10,
+        "stream_peak_rss_mb": peak.mb,
+        "memory": memory,
+        "stream_memory_growth_mb_per_min": memory["growth_mb_per_min"],
+        # flat: the fitted growth over two minutes is a small share of what the pipeline holds anyway
+        "stream_memory_flat": memory["growth_mb_per_min"] * 2 <= FLAT_MEMORY_SHARE * memory["mean_mb"],
+    }
+
+
+def fill_backlog(stack: LocalStack, mix: EventMix, *, events: int, spread_s: float, putters: int = 4) -> set:
+    """Puts ``events`` valid envelopes straight on the stream, as the ingress would have, received over the past
+    ``spread_s`` seconds in order; returns their ids. PutRecords of 500 from ``putters`` threads."""
+    now = utc_now_ms()
+    batches, batch, ids = [], [], set()
+    for n in range(events):
+        event = mix.valid()
+        event.pop("timestamp", None)
+        record = stamp(validate_event(event), received_at_ms=now - int(spread_s * 1000) + int(n * spread_s * 1000)
+                       // events, caller_ip=None)
+        ids.add(record["event_id"])
+        batch.append({"Data": to_wire(record), "PartitionKey": record.get("user_id") or record["anonymous_id"]})
+        if len(batch) == 500 or n == events - 1:
+            batches.append(batch)
+            batch = []
+    local = threading.local()
+
+    def put(records: list) -> None:
+        if not hasattr(local, "kinesis"):
+            local.kinesis = stack.client("kinesis")
+        for _ in range(10):  # bounded: a throttled entry is put again, as the ingress would
+            response = local.kinesis.put_records(StreamName=stack.config.stream, Records=records)
+            if not response.get("FailedRecordCount"):
+                return
+            records = [r for r, e in zip(records, response["Records"]) if "ErrorCode" in e]
+        raise RuntimeError(f"{len(records)} backlog records were refused ten times")
+
+    with ThreadPoolExecutor(putters, thread_name_prefix="backlog") as pool:
+        list(pool.map(put, batches))
+    return ids
+
+
+def capacity(*, events: int = 100_000, window_s: int = 10, spread_s: float = 600.0, shards: int = 2,
+             users: int = 2000, workdir: Optional[str] = None, timeout_s: float = 600.0) -> dict:
+    """The streaming pipeline's own ceiling on this machine, the input not being the limit.
+
+    ``events`` records are put on Kinesis before the pipeline starts (a restart after downtime), with event
+    times spread over the past ``spread_s`` seconds, so ``window_s`` windows close one after another as the
+    backlog is read rather than all at the end. ``stream_capacity_events_per_s`` is the rate at which rows
+    became readable between the 10th and the 90th percentile of their landing times: the runner's start-up
+    and the wait for the last window are left out. ``drain_s`` is from the start of the pipeline process to
+    the last row readable.
+    """
+    if events < 10 or window_s < 1 or spread_s <= 0:
+        raise ValueError(f"invalid capacity settings: events={events}, window_s={window_s}, spread_s={spread_s}")
+    mix = EventMix(SCHEMA_DIR, users=users, seed=13, invalid_rate=0.0)
+    pipeline = None
+    with _workdir(workdir, "eventlake-bench-capacity-") as workdir, _stack("bench-capacity", shards, mix) as stack:
+        filled = time.monotonic()
+        ids = fill_backlog(stack, mix, events=events, spread_s=spread_s)
+        fill_s = time.monotonic() - filled
+        try:
+            started = time.time()
+            pipeline = _start_pipeline(stack, workdir, window_s)
+            with PeakMemory(pipeline.proc.pid) as peak, LakeWatcher(os.path.join(workdir, "lake")) as watcher:
+                wait_until(lambda: not pipeline.running() or ids <= watcher.seen_at.keys(), timeout=timeout_s,
+                           interval=0.25, what="the whole backlog in the lake")
+                watcher.poll()
+                if not ids <= watcher.seen_at.keys():
+                    raise RuntimeError(f"the streaming pipeline exited early: {pipeline.tail()[-2000:]}")
+        finally:
+            if pipeline is not None:
+                pipeline.stop()
+    landed = sorted(watcher.seen_at[i] for i in ids)
+    p10, p90 = landed[len(landed) // 10], landed[len(landed) * 9 // 10]
+    return {
+        "settings": {"events": events, "window_s": window_s, "spread_s": spread_s, "shards": shards},
+        "fill_s": round(fill_s, 1), "landed": len(landed),
+        "first_row_s": round(landed[0] - started, 1), "drain_s": round(landed[-1] - started, 1),
+        "stream_capacity_events_per_s": round((len(landed) * 8 // 10) / (p90 - p10), 1) if p90 > p10 else None,
+        "capacity_peak_rss_mb": peak.mb,
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1000.0)
-    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--capacity_events", type=int, default=0,
+                        help="also measure the pipeline's ceiling on a backlog of this many events (0: skip)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(rate=args.rate, duration_s=args.duration, window_s=args.window, clients=args.clients,
-                         shards=args.shards), indent=2))
+    results = {"steady": run(rate=args.rate, duration_s=args.duration, window_s=args.window, clients=args.clients,
+                             shards=args.shards)}
+    if args.capacity_events:
+        results["capacity"] = capacity(events=args.capacity_events, window_s=args.window, shards=args.shards)
+    print(json.dumps(results, indent=2))
     return 0
 
 

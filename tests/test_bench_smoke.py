@@ -29,6 +29,22 @@ def test_peak_memory_counts_the_process_tree():
     assert peak.mb > 10
 
 
+def test_memory_growth_is_the_fitted_slope_of_the_samples():
+    peak = machine.PeakMemory()
+    mib = 2**20
+    # 100 MiB climbing 1 MiB every 6 s (10 MiB/min), with a garbage-collection dip that the fit shrugs off
+    peak.samples = [(t, (100 + t / 6 - (5 if t == 30 else 0)) * mib) for t in range(0, 61, 3)]
+    growth = peak.growth(0, 60)
+    assert growth["first_mb"] == 100 and growth["last_mb"] == 110 and growth["samples"] == 21
+    assert 9.5 < growth["growth_mb_per_min"] < 10.5
+    assert peak.growth(0, 60)["mean_mb"] == pytest.approx(105, abs=0.5)
+    flat = machine.PeakMemory()
+    flat.samples = [(t, 300 * mib) for t in range(10)]
+    assert flat.growth(0, 9)["growth_mb_per_min"] == 0
+    with pytest.raises(ValueError, match="two memory samples"):
+        flat.growth(100, 200)
+
+
 def test_ingress_bench_returns_its_figures(moto_server):
     stack = LocalStack(StackConfig(stream="smoke-ingress", users_table="smoke-ingress-users",
                                    dead_letter_queue="smoke-ingress-dlq", bucket="smoke-ingress-lake"),
@@ -66,6 +82,15 @@ def test_stream_bench_sees_every_event_land(tmp_path):
     assert results["landed"] == results["accepted"]
     for key in ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_peak_rss_mb"):
         assert results[key] > 0, key
+    assert results["memory"]["samples"] >= 2 and isinstance(results["stream_memory_flat"], bool)
+
+
+def test_capacity_bench_drains_a_backlog_put_before_the_pipeline_starts(tmp_path):
+    results = stream.capacity(events=600, window_s=2, spread_s=20, shards=1, users=50, workdir=str(tmp_path),
+                              timeout_s=180)
+    assert results["landed"] == 600
+    assert results["stream_capacity_events_per_s"] > 0
+    assert 0 < results["first_row_s"] <= results["drain_s"]
 
 
 def test_table_prints_the_figures_it_has():
