@@ -276,17 +276,21 @@ def fill_backlog(stack: LocalStack, mix: EventMix, *, events: int, spread_s: flo
     """Puts ``events`` valid envelopes straight on the stream, as the ingress would have, received over the past
     ``spread_s`` seconds in order; returns their ids. PutRecords of 500 from ``putters`` threads."""
     now = utc_now_ms()
-    batches, batch, ids = [], [], set()
-    for n in range(events):
-        event = mix.valid()
-        event.pop("timestamp", None)
-        record = stamp(validate_event(event), received_at_ms=now - int(spread_s * 1000) + int(n * spread_s * 1000)
-                       // events, caller_ip=None)
-        ids.add(record["event_id"])
-        batch.append({"Data": to_wire(record), "PartitionKey": record.get("user_id") or record["anonymous_id"]})
-        if len(batch) == 500 or n == events - 1:
-            batches.append(batch)
-            batch = []
+    ids = set()
+
+    def batches() -> Iterator[list]:
+        batch = []
+        for n in range(events):
+            event = mix.valid()
+            event.pop("timestamp", None)
+            received_at_ms = now - int(spread_s * 1000) + int(n * spread_s * 1000) // events
+            record = stamp(validate_event(event), received_at_ms=received_at_ms, caller_ip=None)
+            ids.add(record["event_id"])
+            batch.append({"Data": to_wire(record), "PartitionKey": record.get("user_id") or record["anonymous_id"]})
+            if len(batch) == 500 or n == events - 1:
+                yield batch
+                batch = []
+
     local = threading.local()
 
     def put(records: list) -> None:
@@ -300,7 +304,7 @@ def fill_backlog(stack: LocalStack, mix: EventMix, *, events: int, spread_s: flo
         raise RuntimeError(f"{len(records)} backlog records were refused ten times")
 
     with ThreadPoolExecutor(putters, thread_name_prefix="backlog") as pool:
-        list(pool.map(put, batches))
+        list(pool.map(put, batches()))  # puts start while later batches are still being made
     return ids
 
 
