@@ -23,9 +23,10 @@ a machine where the ingress and the emulator's PutRecords are slower than the
 pipeline: a backlog is put straight on Kinesis before the pipeline starts, and
 ``stream_capacity_events_per_s`` is how fast rows then land (see its docstring).
 
-Memory is sampled every half second; ``stream_memory_growth_mb_per_min`` is the
-least-squares slope of the pipeline's resident memory over the measured load
-(warm-up excluded), which is what "memory flat" is judged on. Usage::
+Memory of the pipeline's process tree (the SDK worker and Prism) is sampled every
+half second; ``stream_memory_growth_mb_per_min`` is the least-squares slope over
+the second half of the measured load, which is what "memory flat" is judged on
+(the first half, where caches and heaps fill, is in ``memory``). Usage::
 
     python -m bench.stream [--rate 1000] [--duration 120] [--window 10] [--capacity_events 100000]
 """
@@ -252,6 +253,9 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
     span = (max(watcher.seen_at[i] for i in accepted if i in watcher.seen_at) - min(accepted.values())
             if landed else 0.0)
     memory = peak.growth(measured_from, measured_until)
+    # The first half fills the user cache and the heaps (measured over six minutes at 600 ev/s: the pipeline's
+    # memory climbs for about a minute, then stays within its garbage-collection swing); flat is judged after it.
+    settled = peak.growth((measured_from + measured_until) / 2, measured_until)
     return {
         "settings": {"rate": rate, "duration_s": duration_s, "window_s": window_s, "batch": batch,
                      "clients": clients, "shards": shards, "gunicorn_workers": workers},
@@ -265,10 +269,10 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         "freshness_max_s": round(fresh[-1], 2) if fresh else None,
         "kept_up": landed == len(accepted) and p95 <= window_s + 10,
         "stream_peak_rss_mb": peak.mb,
-        "memory": memory,
-        "stream_memory_growth_mb_per_min": memory["growth_mb_per_min"],
-        # flat: the fitted growth over two minutes is a small share of what the pipeline holds anyway
-        "stream_memory_flat": memory["growth_mb_per_min"] * 2 <= FLAT_MEMORY_SHARE * memory["mean_mb"],
+        "memory": memory, "memory_second_half": settled,
+        "stream_memory_growth_mb_per_min": settled["growth_mb_per_min"],
+        # flat: over the second half, the fitted growth per two minutes is a small share of what the pipeline holds
+        "stream_memory_flat": settled["growth_mb_per_min"] * 2 <= FLAT_MEMORY_SHARE * settled["mean_mb"],
     }
 
 

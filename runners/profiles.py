@@ -13,7 +13,13 @@ import logging
 import re
 from typing import Sequence
 
-from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, PrismRunnerOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    PipelineOptions,
+    PortableOptions,
+    PrismRunnerOptions,
+    StandardOptions,
+)
 
 from runners.prism import prism_location
 
@@ -41,6 +47,16 @@ OWN_PRISM_SERVER = "disable_prism_server_singleton"
 NO_SDF_SPLIT = "prism_disable_sdf_split"
 
 
+# Beam 2.77's PortableRunner (Prism, Flink, Spark job servers) passes --job_server_timeout (default 300 s) as the
+# deadline of the job's state and message streams, although its help says the timeout "does not apply to the actual
+# pipeline run time". So every portable run that lasts longer than 5 minutes ends in the driver with
+# DEADLINE_EXCEEDED from wait_until_finish; with the LOOPBACK environment the SDK worker lives in the driver and the
+# job dies with it (seen: a Prism stream bench at 300 ev/s stopped after ~5 minutes, 53,000 accepted events never
+# written, "cannot schedule new futures after shutdown" as the interpreter exited). A streaming job or a large backfill
+# runs for hours, so unless the user chose a timeout, the streams get one that never ends a job: 10 years.
+JOB_STREAM_DEADLINE_S = 10 * 365 * 24 * 3600
+
+
 def local_streaming_options(
     extra: Sequence[str] = (), *, streaming: bool = True, prism_log_level: str = "warn"
 ) -> PipelineOptions:
@@ -61,13 +77,15 @@ def local_streaming_options(
     ]
     if streaming:
         args.append("--streaming")
-    return PipelineOptions([*args, *extra])
+    return _job_streams_never_time_out(PipelineOptions([*args, *extra]))
 
 
 def apply_default_runner(options: PipelineOptions, *, streaming: bool) -> PipelineOptions:
     """Makes Prism the runner when none was chosen (and points DirectRunner at our Prism).
 
-    An explicit ``--runner`` (Flink, Spark, ...) is kept as given.
+    An explicit ``--runner`` (Flink, Spark, ...) is kept as given. A portable job's state stream gets a deadline
+    that never ends a run (``JOB_STREAM_DEADLINE_S``) unless another ``--job_server_timeout`` than Beam's 300 s
+    was given.
     """
     standard = options.view_as(StandardOptions)
     prism = options.view_as(PrismRunnerOptions)
@@ -83,7 +101,14 @@ def apply_default_runner(options: PipelineOptions, *, streaming: bool) -> Pipeli
                 debug.add_experiment(experiment)
     if streaming:
         standard.streaming = True
+    _job_streams_never_time_out(options)
     LOG.info("configured runner: %s (streaming=%s)", runner, bool(standard.streaming))
+    return options
+
+
+def _job_streams_never_time_out(options: PipelineOptions) -> PipelineOptions:
+    if "job_server_timeout" not in options.get_all_options(drop_default=True):
+        options.view_as(PortableOptions).job_server_timeout = JOB_STREAM_DEADLINE_S
     return options
 
 

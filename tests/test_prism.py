@@ -93,6 +93,38 @@ def test_default_runner_is_prism_and_explicit_runners_are_kept():
     assert flink.view_as(StandardOptions).runner == "FlinkRunner"
 
 
+def test_a_job_is_not_ended_by_the_job_server_timeout_unless_one_was_chosen():
+    from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
+
+    for options in (apply_default_runner(PipelineOptions([]), streaming=True),
+                    apply_default_runner(PipelineOptions(["--runner=FlinkRunner"]), streaming=True),
+                    apply_default_runner(PipelineOptions(["--runner=SparkRunner"]), streaming=False),
+                    local_streaming_options()):
+        assert options.view_as(PortableOptions).job_server_timeout >= 365 * 24 * 3600
+    chosen = apply_default_runner(PipelineOptions(["--job_server_timeout=600"]), streaming=True)
+    assert chosen.view_as(PortableOptions).job_server_timeout == 600
+
+
+@pytest.mark.slow
+def test_beam_ends_the_driver_of_a_job_that_outlives_the_job_server_timeout():
+    """Why the default above: Beam 2.77 gives the job's state stream --job_server_timeout as its deadline.
+
+    A 12 s job with a 4 s timeout fails in wait_until_finish while the job itself goes on. If a Beam upgrade stops
+    doing that, this test fails, and ``JOB_STREAM_DEADLINE_S`` can go.
+    """
+    import grpc
+
+    options = local_streaming_options(["--job_server_timeout=4"], streaming=False)
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | beam.Create([1]) | beam.Map(lambda x: time.sleep(12) or x)
+    result = pipeline.run()
+    with pytest.raises(grpc.RpcError) as failure:
+        result.wait_until_finish()
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: PipelineState.is_terminal(result.state), timeout=60, interval=0.5, what="the job to end")
+    assert result.state == PipelineState.DONE  # the job was never in trouble: only its driver was told to give up
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
 def test_the_last_window_is_written_once_traffic_stops_while_the_stream_runs_on(stack, tmp_path):
