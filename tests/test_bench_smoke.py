@@ -76,7 +76,7 @@ def test_backfill_and_baseline_process_every_event(moto_server, tmp_path):
 
 
 def test_stream_bench_sees_every_event_land(tmp_path):
-    results = stream.run(rate=200, duration_s=2, window_s=2, batch=50, clients=2, shards=1, users=50,
+    results = stream.run(rate=200, duration_s=2, warmup_s=1, window_s=2, batch=50, clients=2, shards=1, users=50,
                          workdir=str(tmp_path), drain_timeout_s=120)
     assert results["accepted"] == 400
     assert results["landed"] == results["accepted"]
