@@ -19,7 +19,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 PARTS = ("ingress", "backfill", "stream", "capacity")
 #: Offered to the stream for the two measured minutes: what the ingress and the emulator sustain here while the
 #: pipeline shares their 2 cores (the pipeline's own ceiling is the "capacity" part).
-STREAM_RATE = 600.0
+STREAM_RATE = 1000.0
 
 #: (key, unit, target) rows of the printed table, in order.
 TABLE = [
