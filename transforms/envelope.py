@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
+import threading
 import time
 import uuid
 from typing import Annotated, Any, Optional
@@ -162,8 +164,31 @@ def parse_rfc3339_ms(text: Any) -> Optional[int]:
     return int(moment.timestamp() * 1000)
 
 
+class _RandomBytes(threading.local):
+    """Each thread's block of ``os.urandom`` bytes for event ids, drawn 4 KiB (256 ids) at a time.
+
+    ``uuid.uuid4()`` per event let go of the GIL and took it back around each ``os.urandom(16)``; with 16 request
+    threads per gunicorn worker every such hand-over waited behind the other threads, and ``uuid4`` was 11 % of the
+    ingress's samples under load. The bytes are the same kernel randomness. A block belongs to the process that drew
+    it: gunicorn forks its workers, and a block inherited across a fork would give two processes the same ids.
+    """
+
+    pid = -1
+    block = b""
+    offset = 0
+
+
+_RANDOM = _RandomBytes()
+
+
 def new_event_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID, as ``str(uuid.uuid4())``."""
+    pool = _RANDOM
+    if pool.offset >= len(pool.block) or pool.pid != os.getpid():
+        pool.block, pool.offset, pool.pid = os.urandom(4096), 0, os.getpid()
+    raw = pool.block[pool.offset:pool.offset + 16]
+    pool.offset += 16
+    return str(uuid.UUID(bytes=raw, version=4))
 
 
 def stamp(envelope: Envelope, *, received_at_ms: int, caller_ip: Optional[str]) -> dict:
