@@ -46,6 +46,7 @@ TABLE = [
     ("freshness_p50_s", "s", None),
     ("freshness_p95_s", "s", "<= window + 10"),
     ("stream_memory_growth_mb_per_min", "MiB/m", None),
+    ("stream_memory_floor_growth_mb", "MiB", None),
     ("stream_memory_flat", "", "true"),
     ("stream_capacity_events_per_s", "ev/s", None),
     ("peak_rss_mb", "MiB", None),
@@ -87,7 +88,7 @@ def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: i
         detail = stream.run(rate=stream_rate, duration_s=stream_duration_s, window_s=stream_window_s)
         results["details"]["stream"] = detail
         for key in ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_peak_rss_mb",
-                    "stream_memory_growth_mb_per_min", "stream_memory_flat"):
+                    "stream_memory_growth_mb_per_min", "stream_memory_floor_growth_mb", "stream_memory_flat"):
             results[key] = detail[key]
         results["stream_kept_up"] = detail["kept_up"]
         results["stream_offered_events_per_s"] = stream_rate

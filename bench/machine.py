@@ -78,20 +78,25 @@ class PeakMemory:
         return now
 
     def growth(self, since: float, until: float) -> dict:
-        """Memory between two ``time.monotonic()`` moments: first and last MiB, and the least-squares slope.
+        """Memory between two ``time.monotonic()`` moments: first and last MiB, the least-squares slope, and the
+        floor (lowest sample) of the first and of the last third.
 
-        The slope (MiB per minute) is what "memory flat" is judged on: a leak shows as a steady climb, while
-        the first and last samples alone also move with garbage collection and bundle sizes.
+        Garbage collection and bundle sizes swing a pipeline's memory upwards by tens of MiB for seconds at a
+        time, which moves the slope of a two-minute run either way. What a leak raises is the floor: what is
+        still held after each collection. "Memory flat" is judged on the floors; the slope is reported beside.
         """
         points = [(t, b / 2**20) for t, b in self.samples if since <= t <= until]
         if len(points) < 2:
             raise ValueError(f"need at least two memory samples between {since} and {until}, got {len(points)}")
+        third = max(1, len(points) // 3)
+        first_floor, last_floor = min(mb for _, mb in points[:third]), min(mb for _, mb in points[-third:])
         mean_t = sum(t for t, _ in points) / len(points)
         mean_mb = sum(mb for _, mb in points) / len(points)
         spread = sum((t - mean_t) ** 2 for t, _ in points)
         slope = sum((t - mean_t) * (mb - mean_mb) for t, mb in points) / spread if spread else 0.0
         return {"first_mb": round(points[0][1], 1), "last_mb": round(points[-1][1], 1),
-                "mean_mb": round(mean_mb, 1), "growth_mb_per_min": round(slope * 60, 2), "samples": len(points)}
+                "mean_mb": round(mean_mb, 1), "growth_mb_per_min": round(slope * 60, 2), "samples": len(points),
+                "first_third_floor_mb": round(first_floor, 1), "last_third_floor_mb": round(last_floor, 1)}
 
     @property
     def mb(self) -> float:

@@ -38,9 +38,16 @@ def test_memory_growth_is_the_fitted_slope_of_the_samples():
     assert growth["first_mb"] == 100 and growth["last_mb"] == 110 and growth["samples"] == 21
     assert 9.5 < growth["growth_mb_per_min"] < 10.5
     assert peak.growth(0, 60)["mean_mb"] == pytest.approx(105, abs=0.5)
+    # floors: the lowest of the first 7 samples (t=0: 100) and of the last 7 (t=42: 107)
+    assert growth["first_third_floor_mb"] == 100 and growth["last_third_floor_mb"] == 107
     flat = machine.PeakMemory()
     flat.samples = [(t, 300 * mib) for t in range(10)]
     assert flat.growth(0, 9)["growth_mb_per_min"] == 0
+    # a collection swing near the end tilts the slope; the floor stays where it was
+    swing = machine.PeakMemory()
+    swing.samples = [(t, (300 + (80 if t in (7, 8) else 0)) * mib) for t in range(10)]
+    swung = swing.growth(0, 9)
+    assert swung["growth_mb_per_min"] > 100 and swung["first_third_floor_mb"] == swung["last_third_floor_mb"] == 300
     with pytest.raises(ValueError, match="two memory samples"):
         flat.growth(100, 200)
 
