@@ -259,7 +259,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
     span = (max(watcher.seen_at[i] for i in accepted if i in watcher.seen_at) - min(accepted.values())
             if landed else 0.0)
     memory = peak.growth(measured_from, measured_until)
-    curve = [round(mb / 2**20) for t, mb in peak.samples if measured_from <= t <= measured_until][::60]
+    curve = [round(mb / 2**20) for t, mb in _every(peak.samples, measured_from, measured_until, 30.0)]
     return {
         "settings": {"rate": rate, "duration_s": duration_s, "window_s": window_s, "batch": batch,
                      "clients": clients, "shards": shards, "gunicorn_workers": workers},
@@ -279,6 +279,16 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         # flat: what is held after collections grew by a small share of it over the measured load
         "stream_memory_flat": memory["last_third_floor_mb"] <= (1 + FLAT_MEMORY_SHARE) * memory["first_third_floor_mb"],
     }
+
+
+def _every(samples: list, since: float, until: float, step_s: float) -> list:
+    """The first sample at or after each ``step_s`` mark from ``since`` to ``until``."""
+    picked, mark = [], since
+    for t, value in samples:
+        if mark <= t <= until:
+            picked.append((t, value))
+            mark += step_s * (1 + int((t - mark) // step_s))
+    return picked
 
 
 def fill_backlog(stack: LocalStack, mix: EventMix, *, events: int, spread_s: float, putters: int = 4) -> set:

@@ -59,10 +59,11 @@ def make_shards_thread_safe() -> None:
 def fast_shards() -> None:
     """Replaces moto's scans of a shard's records with direct lookups; same answers.
 
-    A shard's records sit in an ``OrderedDict`` keyed by sequence numbers that moto assigns as last + 1, so
-    the first and last keys are the ends of the dict, and the records after a position are found by key.
-    Where the keys are not consecutive (moto's resharding copies records between shards), ``get_records``
-    falls back to moto's own scan. Must run before ``make_shards_thread_safe`` wraps the methods.
+    A shard's records sit in an ``OrderedDict`` keyed by sequence numbers that moto assigns as last + 1 (its
+    resharding re-puts records, so they are renumbered too), so the first and last keys are the ends of the dict,
+    and the records after a position are found by key. Should the keys ever not be consecutive, and for a
+    ``Limit`` below 1 (which boto3 refuses to send), ``get_records`` falls back to moto's own scan, kept as
+    ``Shard._eventlake_moto_get_records``. Must run before ``make_shards_thread_safe`` wraps the methods.
     """
     from moto.kinesis import models
 
@@ -83,9 +84,11 @@ def fast_shards() -> None:
         first, last = next(iter(records)), next(reversed(records))
         if last - first + 1 != len(records):  # not consecutive: moto's scan
             return scan(self, last_sequence_id, limit)
+        if limit is not None and limit < 1:
+            return scan(self, last_sequence_id, limit)
         after = int(last_sequence_id)
         start = max(after + 1, first)
-        stop = last + 1 if not limit or limit < 0 else min(last + 1, start + limit)
+        stop = last + 1 if limit is None else min(last + 1, start + limit)
         results = [records[number] for number in range(start, stop)]
         if not results:
             return [], after, 0
@@ -94,6 +97,7 @@ def fast_shards() -> None:
     models.Shard.get_min_sequence_number = get_min_sequence_number
     models.Shard.get_max_sequence_number = get_max_sequence_number
     models.Shard.get_records = get_records
+    models.Shard._eventlake_moto_get_records = scan
     models.Shard._eventlake_fast = True
 
 

@@ -170,10 +170,10 @@ class _RandomBytes(threading.local):
     ``uuid.uuid4()`` per event let go of the GIL and took it back around each ``os.urandom(16)``; with 16 request
     threads per gunicorn worker every such hand-over waited behind the other threads, and ``uuid4`` was 11 % of the
     ingress's samples under load. The bytes are the same kernel randomness. A block belongs to the process that drew
-    it: gunicorn forks its workers, and a block inherited across a fork would give two processes the same ids.
+    it: gunicorn forks its workers, and a block inherited across a fork would give two processes the same ids, so a
+    forked child drops it (only the forking thread lives on in the child, so its block is the only one).
     """
 
-    pid = -1
     block = b""
     offset = 0
 
@@ -181,11 +181,18 @@ class _RandomBytes(threading.local):
 _RANDOM = _RandomBytes()
 
 
+def _forget_random_bytes() -> None:
+    _RANDOM.block, _RANDOM.offset = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random_bytes)
+
+
 def new_event_id() -> str:
     """A random (version 4) UUID, as ``str(uuid.uuid4())``."""
     pool = _RANDOM
-    if pool.offset >= len(pool.block) or pool.pid != os.getpid():
-        pool.block, pool.offset, pool.pid = os.urandom(4096), 0, os.getpid()
+    if pool.offset >= len(pool.block):
+        pool.block, pool.offset = os.urandom(4096), 0
     raw = pool.block[pool.offset:pool.offset + 16]
     pool.offset += 16
     return str(uuid.UUID(bytes=raw, version=4))
