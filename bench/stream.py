@@ -58,7 +58,8 @@ from bench.machine import PeakMemory
 from runners.loadgen import EventMix
 from runners.local import LocalStack, StackConfig, free_port, wait_until
 from runners.processes import Child
-from transforms.envelope import stamp, to_wire, utc_now_ms, validate_event
+from ingress.publisher import KinesisPublisher
+from transforms.envelope import partition_key, stamp, to_wire, utc_now_ms, validate_event
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Memory is flat when its floor in the last third of the measured load is at most this share above the first third's.
@@ -292,8 +293,9 @@ def _every(samples: list, since: float, until: float, step_s: float) -> list:
 
 
 def fill_backlog(stack: LocalStack, mix: EventMix, *, events: int, spread_s: float, putters: int = 4) -> set:
-    """Puts ``events`` valid envelopes straight on the stream, as the ingress would have, received over the past
-    ``spread_s`` seconds in order; returns their ids. PutRecords of 500 from ``putters`` threads."""
+    """Puts ``events`` valid envelopes straight on the stream with the ingress's publisher, as the ingress would
+    have, received over the past ``spread_s`` seconds in order; returns their ids. Batches of 500 from ``putters``
+    threads."""
     now = utc_now_ms()
     ids = set()
 
@@ -305,25 +307,17 @@ def fill_backlog(stack: LocalStack, mix: EventMix, *, events: int, spread_s: flo
             received_at_ms = now - int(spread_s * 1000) + int(n * spread_s * 1000) // events
             record = stamp(validate_event(event), received_at_ms=received_at_ms, caller_ip=None)
             ids.add(record["event_id"])
-            batch.append({"Data": to_wire(record), "PartitionKey": record.get("user_id") or record["anonymous_id"]})
+            batch.append((to_wire(record), partition_key(record)))
             if len(batch) == 500 or n == events - 1:
                 yield batch
                 batch = []
 
-    local = threading.local()
-
-    def put(records: list) -> None:
-        if not hasattr(local, "kinesis"):
-            local.kinesis = stack.client("kinesis")
-        for _ in range(10):  # bounded: a throttled entry is put again, as the ingress would
-            response = local.kinesis.put_records(StreamName=stack.config.stream, Records=records)
-            if not response.get("FailedRecordCount"):
-                return
-            records = [r for r, e in zip(records, response["Records"]) if "ErrorCode" in e]
-        raise RuntimeError(f"{len(records)} backlog records were refused ten times")
-
-    with ThreadPoolExecutor(putters, thread_name_prefix="backlog") as pool:
-        list(pool.map(put, batches()))  # puts start while later batches are still being made
+    publisher = KinesisPublisher(stack.config.stream, client_factory=lambda: stack.client("kinesis"))
+    try:
+        with ThreadPoolExecutor(putters, thread_name_prefix="backlog") as pool:
+            list(pool.map(publisher.publish, batches()))  # puts start while later batches are still being made
+    finally:
+        publisher.close()
     return ids
 
 

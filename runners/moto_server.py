@@ -79,12 +79,9 @@ def fast_shards() -> None:
 
     def get_records(self, last_sequence_id, limit):
         records = self.records
-        if not records:
-            return scan(self, last_sequence_id, limit)
-        first, last = next(iter(records)), next(reversed(records))
-        if last - first + 1 != len(records):  # not consecutive: moto's scan
-            return scan(self, last_sequence_id, limit)
-        if limit is not None and limit < 1:
+        first, last = (next(iter(records)), next(reversed(records))) if records else (0, -1)
+        consecutive = records and last - first + 1 == len(records)
+        if not consecutive or (limit is not None and limit < 1):
             return scan(self, last_sequence_id, limit)
         after = int(last_sequence_id)
         start = max(after + 1, first)
