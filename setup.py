@@ -14,7 +14,7 @@ setup(
     description="Event-data platform: HTTP ingress, Kinesis, Beam, Parquet lake",
     python_requires=">=3.11,<3.12",
     packages=PACKAGES,
-    package_data={"ingress": ["*.json"]},
+    package_data={"ingress": ["*.json"], "runners": ["prism_patches/*.patch"]},
     install_requires=[
         "apache-beam[aws]==2.77.0",
         "boto3",

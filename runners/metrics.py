@@ -11,10 +11,12 @@ NAMESPACE = "eventlake"
 def counter_totals(result, namespace: str = NAMESPACE) -> dict[str, int]:
     """Counter name -> total over all steps.
 
-    Per step, the larger of the committed and attempted values. A counter only grows, and Prism (2.77) was seen
-    reporting one of the two short after it split a bundle: committed 60 with attempted 15 for a counter that
-    reached 60 (4 keys, 1.5 s per key, 1 run in 5), and a lake test read 30 of 60 rows written. Runners that retry
-    bundles may count a retried bundle's increments twice in ``attempted``; Prism and the FnApiRunner do not retry.
+    Per step, the larger of the committed and attempted values: a runner may report only one of them, and a
+    counter only grows. Prism's attempted value is its latest progress report, not a total (committed 60 with
+    attempted 15 was seen). Its committed value lost the counts of bundles that finished while the counter's short
+    id was being resolved (30 of 60 lake rows, 230 of 1,100 core records); the Prism that ``runners.prism`` builds
+    carries the fix (``runners/prism_patches/0001``). Runners that retry bundles may count a retried bundle's
+    increments twice in ``attempted``; Prism and the FnApiRunner do not retry.
     """
     totals: dict[str, int] = defaultdict(int)
     query = result.metrics().query(MetricsFilter().with_namespace(namespace))

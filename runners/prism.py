@@ -9,11 +9,18 @@ Beam version, into a per-version cache::
     python -m runners.prism build      # ~2 min cold, instant when cached
     python -m runners.prism location   # prints the binary's path
 
+The patches in ``runners/prism_patches/`` (each says what it fixes and which
+test fails without it) are applied to that source before the build; the
+cache directory is named by the Beam version and a digest of the patches, so
+a changed patch builds a new binary.
+
 ``prism_location()`` is what the runner profiles pass as ``--prism_location``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -25,7 +32,9 @@ from typing import Optional
 
 LOG = logging.getLogger("eventlake.runners.prism")
 
-PRISM_PACKAGE = "github.com/apache/beam/sdks/v2/go/cmd/prism"
+BEAM_GO_MODULE = "github.com/apache/beam/sdks/v2"
+PRISM_PACKAGE = "./go/cmd/prism"  # inside BEAM_GO_MODULE
+PATCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prism_patches")
 BUILD_TIMEOUT_SECONDS = 900
 
 
@@ -39,9 +48,23 @@ def beam_version() -> str:
     return __version__
 
 
+def patches() -> list[str]:
+    """The patch files applied to Prism's source, in the order they are applied."""
+    return sorted(os.path.join(PATCH_DIR, name) for name in os.listdir(PATCH_DIR) if name.endswith(".patch"))
+
+
+def build_id(version: Optional[str] = None) -> str:
+    """``<beam version>-<digest of the patches>``: names the cache and marks Beam's copy."""
+    digest = hashlib.sha256()
+    for path in patches():
+        with open(path, "rb") as handle:
+            digest.update(os.path.basename(path).encode() + b"\0" + handle.read())
+    return f"{version or beam_version()}-{digest.hexdigest()[:12]}"
+
+
 def cache_dir(version: Optional[str] = None) -> str:
     root = os.environ.get("EVENTLAKE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "eventlake")
-    return os.path.join(root, "prism", version or beam_version())
+    return os.path.join(root, "prism", build_id(version))
 
 
 def prism_location(version: Optional[str] = None) -> str:
@@ -53,7 +76,11 @@ def prism_location(version: Optional[str] = None) -> str:
 
 
 def build(version: Optional[str] = None, *, go: str = "go", timeout: float = BUILD_TIMEOUT_SECONDS) -> str:
-    """Builds Prism with ``go install`` into the cache (idempotent) and returns its path."""
+    """Builds the patched Prism into the cache (idempotent) and returns its path.
+
+    The Beam Go module is fetched from the module proxy (``go mod download``),
+    its ``go`` tree copied to a scratch directory, patched, and built there.
+    """
     version = version or beam_version()
     try:
         return prism_location(version)
@@ -64,26 +91,43 @@ def build(version: Optional[str] = None, *, go: str = "go", timeout: float = BUI
         raise PrismUnavailable(f"the Go toolchain ({go!r}) is not on PATH; it is needed to build Prism")
     target = cache_dir(version)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    # Build into a scratch GOBIN beside the cache, then rename: a concurrent or
+    # Build in a scratch directory beside the cache, then rename: a concurrent or
     # interrupted build never leaves a half-written binary at the final path.
     scratch = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(target))
+    env = dict(os.environ, GOFLAGS=os.environ.get("GOFLAGS", "-mod=mod"),
+               GIT_CEILING_DIRECTORIES=scratch)  # git apply: never look for an enclosing repository
+    step = "go mod download"
     try:
-        env = dict(os.environ, GOBIN=scratch, GOFLAGS=os.environ.get("GOFLAGS", "-mod=mod"))
-        LOG.info("building Prism %s with %s (a few minutes when cold)", version, go_binary)
-        subprocess.run(
-            [go_binary, "install", f"{PRISM_PACKAGE}@v{version}"],
-            env=env,
-            cwd=scratch,
-            check=True,
-            timeout=timeout,
-        )
+        LOG.info("building Prism %s with %s (a few minutes when cold)", build_id(version), go_binary)
+        module_dir = _download_module(go_binary, version, env, scratch, timeout)
+        source = os.path.join(scratch, "src")
+        os.makedirs(source)
+        shutil.copytree(os.path.join(module_dir, "go"), os.path.join(source, "go"), copy_function=shutil.copyfile)
+        for name in ("go.mod", "go.sum"):
+            shutil.copyfile(os.path.join(module_dir, name), os.path.join(source, name))
+        for patch in patches():
+            step = f"git apply {os.path.basename(patch)}"
+            subprocess.run(["git", "apply", "-p1", patch], env=env, cwd=source, check=True, timeout=60)
+        step = "go build"
+        subprocess.run([go_binary, "build", "-buildvcs=false", "-o", os.path.join(scratch, "prism"), PRISM_PACKAGE],
+                       env=env, cwd=source, check=True, timeout=timeout)
         os.makedirs(target, exist_ok=True)
         os.replace(os.path.join(scratch, "prism"), os.path.join(target, "prism"))
     except subprocess.CalledProcessError as exc:
-        raise PrismUnavailable(f"`go install {PRISM_PACKAGE}@v{version}` failed with exit code {exc.returncode}") from None
+        raise PrismUnavailable(f"building Prism {version}: `{step}` failed with exit code {exc.returncode}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return prism_location(version)
+
+
+def _download_module(go_binary: str, version: str, env: dict, cwd: str, timeout: float) -> str:
+    """The Beam Go module's directory in the module cache (read-only), fetched if missing."""
+    listing = subprocess.run([go_binary, "mod", "download", "-json", f"{BEAM_GO_MODULE}@v{version}"],
+                             env=env, cwd=cwd, check=True, timeout=timeout, capture_output=True, text=True)
+    module_dir = json.loads(listing.stdout).get("Dir")
+    if not module_dir or not os.path.isdir(os.path.join(module_dir, "go")):
+        raise PrismUnavailable(f"`go mod download {BEAM_GO_MODULE}@v{version}` gave no source directory")
+    return module_dir
 
 
 def register_with_beam(version: Optional[str] = None) -> str:
@@ -94,7 +138,9 @@ def register_with_beam(version: Optional[str] = None) -> str:
     is not reachable here (and would be traffic off the machine in tests), then
     silently falls back to a non-streaming runner. Beam keeps the release zip
     and its extracted binary in ``PrismJobServer.BIN_CACHE``; with both present
-    it uses them without any network access. Idempotent.
+    it uses them without any network access. A copy from another build (an
+    unpatched one, or Beam's own download) is replaced: the build id is kept
+    beside it. Idempotent.
     """
     from apache_beam.runners.portability.prism_runner import PrismJobServer
 
@@ -105,14 +151,26 @@ def register_with_beam(version: Optional[str] = None) -> str:
     os.makedirs(bin_cache, exist_ok=True)
     extracted = os.path.join(bin_cache, name)
     archive = extracted + ".zip"
-    if not (os.path.isfile(archive) and os.path.isfile(extracted)):
+    marker = extracted + ".eventlake-build"
+    if not (os.path.isfile(archive) and os.path.isfile(extracted) and _read(marker) == build_id(version)):
         for path, write in ((extracted, lambda tmp: shutil.copyfile(binary, tmp)),
                             (archive, lambda tmp: _zip_one(binary, name, tmp))):
             tmp = path + ".tmp"
             write(tmp)
             os.chmod(tmp, 0o755)
             os.replace(tmp, path)
+        with open(marker + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(build_id(version))
+        os.replace(marker + ".tmp", marker)
     return extracted
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
 
 
 def _zip_one(binary: str, member: str, target: str) -> None:
