@@ -59,3 +59,42 @@ def test_a_shard_whose_numbers_have_gaps_is_still_answered_right():
     for after, limit in itertools.product([0, 2, 3, 16, 29, 30], [None, 1, 5]):
         assert shard.get_records(str(after), limit) == _expected(shard, after, limit)
     assert shard.get_max_sequence_number() == 30
+
+
+def test_what_outlives_an_interval_leaves_the_collectors_reach_and_garbage_cycles_are_collected_first():
+    """In a child process (freezing is process-wide): 200,000 live objects are frozen after one interval, a
+    garbage cycle made before it is collected, not frozen."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import gc, threading, weakref
+        from runners.moto_server import steady_garbage_collection
+
+        class Node:
+            pass
+
+        live = [Node() for _ in range(200_000)]
+        cycle = Node(); cycle.me = cycle
+        dead = weakref.ref(cycle); del cycle
+        gc.disable()  # only the freezer's own collections
+        assert gc.get_freeze_count() < 200_000
+        stop = threading.Event()
+        thread = steady_garbage_collection(0.2, stop)
+        for _ in range(300):
+            if gc.get_freeze_count() >= 200_000:
+                break
+            stop.wait(0.05)
+        stop.set(); thread.join(5)
+        print(gc.get_freeze_count() >= 200_000, dead() is None, len(live))
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True", "200000"]
+
+
+def test_the_interval_must_be_positive():
+    from runners.moto_server import steady_garbage_collection
+
+    with pytest.raises(ValueError):
+        steady_garbage_collection(0)
