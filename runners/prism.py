@@ -64,7 +64,7 @@ def build_id(version: Optional[str] = None) -> str:
 
 def cache_dir(version: Optional[str] = None) -> str:
     root = os.environ.get("EVENTLAKE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "eventlake")
-    return os.path.join(root, "prism", build_id(version))
+    return os.path.join(os.path.abspath(root), "prism", build_id(version))
 
 
 def prism_location(version: Optional[str] = None) -> str:
@@ -76,58 +76,94 @@ def prism_location(version: Optional[str] = None) -> str:
 
 
 def build(version: Optional[str] = None, *, go: str = "go", timeout: float = BUILD_TIMEOUT_SECONDS) -> str:
-    """Builds the patched Prism into the cache (idempotent) and returns its path.
-
-    The Beam Go module is fetched from the module proxy (``go mod download``),
-    its ``go`` tree copied to a scratch directory, patched, and built there.
-    """
+    """Builds the patched Prism into the cache (idempotent) and returns its path."""
     version = version or beam_version()
     try:
         return prism_location(version)
     except PrismUnavailable:
         pass
-    go_binary = shutil.which(go)
-    if go_binary is None:
-        raise PrismUnavailable(f"the Go toolchain ({go!r}) is not on PATH; it is needed to build Prism")
     target = cache_dir(version)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     # Build in a scratch directory beside the cache, then rename: a concurrent or
     # interrupted build never leaves a half-written binary at the final path.
     scratch = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(target))
-    env = dict(os.environ, GOFLAGS=os.environ.get("GOFLAGS", "-mod=mod"),
-               GIT_CEILING_DIRECTORIES=scratch)  # git apply: never look for an enclosing repository
-    step = "go mod download"
     try:
-        LOG.info("building Prism %s with %s (a few minutes when cold)", build_id(version), go_binary)
-        module_dir = _download_module(go_binary, version, env, scratch, timeout)
-        source = os.path.join(scratch, "src")
-        os.makedirs(source)
-        shutil.copytree(os.path.join(module_dir, "go"), os.path.join(source, "go"), copy_function=shutil.copyfile)
-        for name in ("go.mod", "go.sum"):
-            shutil.copyfile(os.path.join(module_dir, name), os.path.join(source, name))
-        for patch in patches():
-            step = f"git apply {os.path.basename(patch)}"
-            subprocess.run(["git", "apply", "-p1", patch], env=env, cwd=source, check=True, timeout=60)
-        step = "go build"
-        subprocess.run([go_binary, "build", "-buildvcs=false", "-o", os.path.join(scratch, "prism"), PRISM_PACKAGE],
-                       env=env, cwd=source, check=True, timeout=timeout)
+        LOG.info("building Prism %s (a few minutes when cold)", build_id(version))
+        source = patched_source(scratch, version, go=go, timeout=timeout)
+        _run([_tool(go), "build", "-buildvcs=false", "-o", os.path.join(scratch, "prism"), PRISM_PACKAGE],
+             cwd=source, timeout=timeout, what="go build")
         os.makedirs(target, exist_ok=True)
         os.replace(os.path.join(scratch, "prism"), os.path.join(target, "prism"))
-    except subprocess.CalledProcessError as exc:
-        raise PrismUnavailable(f"building Prism {version}: `{step}` failed with exit code {exc.returncode}") from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
     return prism_location(version)
 
 
-def _download_module(go_binary: str, version: str, env: dict, cwd: str, timeout: float) -> str:
-    """The Beam Go module's directory in the module cache (read-only), fetched if missing."""
-    listing = subprocess.run([go_binary, "mod", "download", "-json", f"{BEAM_GO_MODULE}@v{version}"],
-                             env=env, cwd=cwd, check=True, timeout=timeout, capture_output=True, text=True)
-    module_dir = json.loads(listing.stdout).get("Dir")
+def patched_source(scratch: str, version: Optional[str] = None, *, go: str = "go",
+                   timeout: float = BUILD_TIMEOUT_SECONDS) -> str:
+    """Prism's source with ``patches()`` applied, in ``<scratch>/src``; returns that directory.
+
+    The Beam Go module comes from the module proxy (``go mod download``); its
+    ``go`` tree, ``go.mod`` and ``go.sum`` are copied out of the read-only
+    module cache and made writable, then each patch is applied with ``git apply``.
+    """
+    version = version or beam_version()
+    go_binary = _tool(go)
+    git = _tool("git")
+    listing = _run([go_binary, "mod", "download", "-json", f"{BEAM_GO_MODULE}@v{version}"], cwd=scratch,
+                   timeout=timeout, what=f"go mod download {BEAM_GO_MODULE}@v{version}")
+    module_dir = json.loads(listing.stdout or "{}").get("Dir")
     if not module_dir or not os.path.isdir(os.path.join(module_dir, "go")):
         raise PrismUnavailable(f"`go mod download {BEAM_GO_MODULE}@v{version}` gave no source directory")
-    return module_dir
+    source = os.path.join(scratch, "src")
+    os.makedirs(source)
+    shutil.copytree(os.path.join(module_dir, "go"), os.path.join(source, "go"), copy_function=shutil.copyfile)
+    for name in ("go.mod", "go.sum"):
+        shutil.copyfile(os.path.join(module_dir, name), os.path.join(source, name))
+    for directory, _, _ in os.walk(source):  # copytree kept the module cache's read-only directory modes
+        os.chmod(directory, 0o755)
+    for patch in patches():
+        _run([git, "apply", "-p1", patch], cwd=source, timeout=60, what=f"git apply {os.path.basename(patch)}")
+    return source
+
+
+def remove_tree(path: str) -> None:
+    """``rm -rf`` that also removes what sits in read-only directories."""
+    def writable_then_retry(function, failed_path, _):
+        try:
+            os.chmod(os.path.dirname(failed_path), 0o755)
+            function(failed_path)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=writable_then_retry)
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise PrismUnavailable(f"{name!r} is not on PATH; it is needed to build Prism")
+    return found
+
+
+def _run(args: list[str], *, cwd: str, timeout: float, what: str) -> subprocess.CompletedProcess:
+    """Runs a build step; a failure or a timeout becomes ``PrismUnavailable`` with the step's own message."""
+    env = dict(os.environ, GOFLAGS=os.environ.get("GOFLAGS", "-mod=mod"))
+    try:
+        return subprocess.run(args, env=env, cwd=cwd, check=True, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        raise PrismUnavailable(f"building Prism: `{what}` took longer than {timeout:.0f} s") from None
+    except subprocess.CalledProcessError as exc:
+        detail = _error_text(exc.stdout) or (exc.stderr or "").strip()[-2000:]
+        raise PrismUnavailable(f"building Prism: `{what}` failed with exit code {exc.returncode}: {detail}") from None
+
+
+def _error_text(stdout: Optional[str]) -> str:
+    """The ``Error`` field that ``go mod download -json`` prints on stdout, if any."""
+    try:
+        return str(json.loads(stdout or "").get("Error") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def register_with_beam(version: Optional[str] = None) -> str:

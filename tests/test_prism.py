@@ -257,3 +257,25 @@ def test_counters_of_bundles_finishing_together_are_all_kept(monkeypatch):
     assert sum(CountPerBundle.sizes) == 500 and len(CountPerBundle.sizes) > 1  # Prism did split
     seen = result.metrics().query(MetricsFilter().with_namespace("prism-test"))["counters"]
     assert [counter.committed for counter in seen] == [500]
+
+
+@pytest.mark.slow
+def test_prism_patches_pass_prisms_own_tests(tmp_path):
+    """The patched package's Go tests, with the one each patch adds (0001: Test_metricsStore_PendingShortIDs)."""
+    import subprocess
+
+    from runners.prism import patched_source
+
+    source = patched_source(str(tmp_path))
+    run = subprocess.run(["go", "test", "-count=1", "./go/pkg/beam/runners/prism/internal/jobservices/"],
+                         cwd=source, env={**os.environ, "GOFLAGS": "-mod=mod"}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_a_failed_build_step_says_what_failed(tmp_path, monkeypatch):
+    from runners.prism import PrismUnavailable, patched_source
+
+    monkeypatch.setenv("GOPROXY", "off")  # nothing leaves the machine; the version is in no cache
+    with pytest.raises(PrismUnavailable, match=r"go mod download .*@v0\.0\.1-missing.* failed .*GOPROXY=off"):
+        patched_source(str(tmp_path), "0.0.1-missing")
