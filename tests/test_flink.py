@@ -198,6 +198,9 @@ STREAMING_WATERMARK_BUG = (
     "so every window drops them as late (seen in 6 of 7 runs, with PeriodicImpulse and with this SDF). "
     "Upstream: apache/beam#19637, fixed by #39191 (2026-07-05), after the newest runner served here"
 )
+# Not strict: one run in seven produced every window, and such a run must not fail the suite. Any failure other
+# than the windows never arriving (TimeoutError) still fails; a pass shows as XPASS in the summary, which is the
+# sign to check a newer job server and drop these marks.
 
 
 @pytest.mark.slow
@@ -224,7 +227,7 @@ def test_bounded_pipeline_runs_on_flink_cluster(flink, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=STREAMING_WATERMARK_BUG, strict=True, raises=TimeoutError)
+@pytest.mark.xfail(reason=STREAMING_WATERMARK_BUG, strict=False, raises=TimeoutError)
 def test_streaming_windows_reach_files_on_flink(flink, tmp_path):
     output_dir = str(tmp_path / "out")
     os.makedirs(output_dir)
@@ -245,7 +248,7 @@ def test_streaming_windows_reach_files_on_flink(flink, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=STREAMING_WATERMARK_BUG, strict=True, raises=TimeoutError)
+@pytest.mark.xfail(reason=STREAMING_WATERMARK_BUG, strict=False, raises=TimeoutError)
 def test_job_recovers_from_checkpoint_after_taskmanager_is_killed(flink, tmp_path):
     output_dir = str(tmp_path / "out")
     os.makedirs(output_dir)
