@@ -220,7 +220,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
     """One streaming measurement on its own local stack; see the module docstring."""
     if rate <= 0 or duration_s <= 0 or warmup_s <= 0 or window_s < 1 or not 1 <= batch <= 500 or clients < 1:
         raise ValueError(f"invalid stream bench settings: rate={rate}, duration_s={duration_s}, "
-                         f"window_s={window_s}, batch={batch}, clients={clients}")
+                         f"warmup_s={warmup_s}, window_s={window_s}, batch={batch}, clients={clients}")
     mix = EventMix(SCHEMA_DIR, users=users, seed=11, invalid_rate=0.0)
     gunicorn = pipeline = None
     with _workdir(workdir, "eventlake-bench-stream-") as workdir, _stack("bench-stream", shards, mix) as stack:

@@ -188,7 +188,8 @@ def register_with_beam(version: Optional[str] = None) -> str:
     extracted = os.path.join(bin_cache, name)
     archive = extracted + ".zip"
     marker = extracted + ".eventlake-build"
-    if not (os.path.isfile(archive) and os.path.isfile(extracted) and _read(marker) == build_id(version)):
+    ours = build_id(version)
+    if not (os.path.isfile(archive) and os.path.isfile(extracted) and _read(marker) == ours):
         for path, write in ((extracted, lambda tmp: shutil.copyfile(binary, tmp)),
                             (archive, lambda tmp: _zip_one(binary, name, tmp))):
             tmp = path + ".tmp"
@@ -196,7 +197,7 @@ def register_with_beam(version: Optional[str] = None) -> str:
             os.chmod(tmp, 0o755)
             os.replace(tmp, path)
         with open(marker + ".tmp", "w", encoding="utf-8") as handle:
-            handle.write(build_id(version))
+            handle.write(ours)
         os.replace(marker + ".tmp", marker)
     return extracted
 
