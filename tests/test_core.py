@@ -15,7 +15,7 @@ from runners.loadgen import EventMix
 from transforms.core import ProcessEvents
 from transforms.envelope import format_rfc3339_ms, stamp, to_wire, validate_event
 from transforms.parse import ParseEvents
-from transforms.records import SourceRecord
+from transforms.records import RecordBatch, RowBatch, SourceRecord
 from transforms.schemas import default_schema_dir
 from transforms.validate import ValidateEvents
 
@@ -165,6 +165,73 @@ def test_process_events_full_chain_conserves_every_record(stack, monkeypatch):
     assert counts["enrich.received"] == counts["validate.succeeded"]
     assert counts["mask.received"] == counts["enrich.succeeded"]
     assert counts["core.received"] == 1100 and counts["core.succeeded"] == 1000 and counts["core.dead_lettered"] == 100
+
+
+class _Outputs(beam.DoFn):
+    """Rows (single or in RowBatches) and dead letters -> comparable tuples with each one's own timestamp."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam):
+        if isinstance(element, RowBatch):
+            assert self.kind == "row" and timestamp.micros == min(element.micros)
+            pairs = list(element.timestamped())
+            yield ("row-batch", len(pairs) > 0)
+        else:
+            pairs = [(element, timestamp.micros)]
+        for item, micros in pairs:
+            if self.kind == "row":
+                yield ("row", item["event_id"], item["user_found"], micros)
+            else:
+                yield ("dead", item["source"]["sequence_number"], item["failure"]["reason"], micros)
+
+
+_COLLECTED: dict = {}
+
+
+def _collect(item, key):
+    _COLLECTED[key].append(item)
+
+
+def test_record_batches_give_the_same_rows_and_dead_letters_each_in_its_own_time(stack, monkeypatch):
+    """The same 300 valid and 100 poison records, one per element and in RecordBatches of 37 (what the backfill
+    reader makes): the same rows (in RowBatches) and dead letters, each stamped with its own record's time,
+    not the batch's; lookups answered after their batch (batch_size 7) still leave in RowBatches."""
+    monkeypatch.setenv("EVENTLAKE_PSEUDONYMIZATION_KEYS", "k1=test-secret-not-real")
+    stack.seed_users(EventMix(SCHEMAS, seed=11).users())
+    records = source_records([to_wire(e) for e in valid_envelopes(300)] + [data for data, _, _ in poison_pills()])
+    event_ms = [RECEIVED_MS + 1000 * (index % 50) for index in range(len(records))]
+    options = dict(endpoint_url=stack.endpoint, region_name=stack.config.region, enrich_options={"batch_size": 7})
+
+    def run(batched: bool) -> list:
+        p = _local_pipeline()
+        if batched:
+            batches = [RecordBatch(tuple(records[i:i + 37]), tuple(event_ms[i:i + 37]))
+                       for i in range(0, len(records), 37)]
+            elements = (p | beam.Create(batches)
+                        | beam.Map(lambda b: beam.window.TimestampedValue(b, min(b.event_ms) / 1000)))
+        else:
+            elements = (p | beam.Create(list(zip(records, event_ms)))
+                        | beam.Map(lambda pair: beam.window.TimestampedValue(pair[0], pair[1] / 1000)))
+        rows, dead = elements | ProcessEvents(SCHEMAS, stack.config.users_table, **options)
+        seen = ((rows | "Rows" >> beam.ParDo(_Outputs("row")), dead | "Dead" >> beam.ParDo(_Outputs("dead")))
+                | beam.Flatten())
+        _COLLECTED[batched] = []
+        seen | beam.Map(_collect, batched)  # FnApiRunner in this process: the module's list is filled
+        p.run().wait_until_finish()
+        return _COLLECTED.pop(batched)
+
+    single, batched = run(False), run(True)
+    assert single and not [item for item in single if item[0] == "row-batch"]
+    assert ("row-batch", True) in batched
+    by_record = dict(zip((r.sequence_number for r in records), event_ms))
+    expected_rows = sorted(item for item in single if item[0] == "row")
+    expected_dead = sorted(item for item in single if item[0] == "dead")
+    assert len(expected_rows) == 300 and len(expected_dead) == 100
+    assert all(item[3] == by_record[item[1]] * 1000 for item in expected_dead)
+    assert sorted(item for item in batched if item[0] == "row") == expected_rows
+    assert sorted(item for item in batched if item[0] == "dead") == expected_dead
 
 
 class _RowTime(beam.DoFn):

@@ -20,6 +20,7 @@ from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 
 from runners.metrics import counter_totals
 from transforms.lake import WriteToLake
+from transforms.records import RowBatch
 from transforms.schemas import SchemaRegistry, default_schema_dir
 
 SCHEMA_DIR = default_schema_dir()
@@ -70,15 +71,23 @@ def mixed_rows(n: int) -> list[dict]:
     return [(workout_row if i % 3 else screen_row)(i, BASE_MS + i * step) for i in range(n)]
 
 
-def run_bounded(rows: list[dict], output: str, **kwargs):
+def _row_batch(rows: list[dict]) -> TimestampedValue:
+    """Rows as ProcessEvents emits a backfill's: one RowBatch, each row stamped with its received_at."""
+    micros = tuple(row["received_at"] * 1000 for row in rows)
+    return TimestampedValue(RowBatch(tuple(rows), micros), min(micros) / 1e6)
+
+
+def run_bounded(rows: list[dict], output: str, *, batch_rows: int = 0, **kwargs):
+    """WriteToLake over ``rows``, one per element or (``batch_rows``) in RowBatches of that many."""
     p = TestPipeline()
-    files, dead = (
-        p
-        | "Create" >> beam.Create(rows)
-        | "Stamp" >> beam.Map(lambda row: TimestampedValue(row, row["received_at"] / 1000)
-                              if isinstance(row.get("received_at"), int) else row)
-        | "Lake" >> WriteToLake(output, SCHEMA_DIR, **kwargs)
-    )
+    if batch_rows:
+        elements = (p | "Create" >> beam.Create([rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)])
+                    | "Stamp" >> beam.Map(_row_batch))
+    else:
+        elements = (p | "Create" >> beam.Create(rows)
+                    | "Stamp" >> beam.Map(lambda row: TimestampedValue(row, row["received_at"] / 1000)
+                                          if isinstance(row.get("received_at"), int) else row))
+    files, dead = elements | "Lake" >> WriteToLake(output, SCHEMA_DIR, **kwargs)
     result = p.run()
     result.wait_until_finish()
     return counter_totals(result), files, dead
@@ -175,13 +184,14 @@ def test_written_file_descriptors_account_for_every_row(tmp_path):
     p.run().wait_until_finish()
 
 
-@pytest.mark.parametrize("max_buffered_rows", [50_000, 1, 7])
-def test_every_file_holds_only_rows_of_its_window_and_day(tmp_path, max_buffered_rows):
+@pytest.mark.parametrize("max_buffered_rows, batch_rows", [(50_000, 0), (1, 0), (7, 0), (50_000, 7), (5, 13)])
+def test_every_file_holds_only_rows_of_its_window_and_day(tmp_path, max_buffered_rows, batch_rows):
     """Rows travel in Arrow chunks per bundle (flushed every max_buffered_rows): each file's window must contain
-    the event time of every row in it, and its day partition their received_at day."""
+    the event time of every row in it, and its day partition their received_at day; also when the rows come in
+    RowBatches that span windows and days."""
     out = str(tmp_path / "lake")
     rows = mixed_rows(60)
-    totals, _, _ = run_bounded(rows, out, max_buffered_rows=max_buffered_rows)
+    totals, _, _ = run_bounded(rows, out, max_buffered_rows=max_buffered_rows, batch_rows=batch_rows)
     assert totals["lake.rows_written"] == 60
     seen = []
     for path in parquet_files(out):

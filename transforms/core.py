@@ -5,6 +5,11 @@ enrich -> mask, and stamps each surviving event as a lake row
 (``processed_at``, ``pipeline_version``); a record either becomes one row or
 one dead letter of the stage that failed it.
 
+Records come one per element or as ``RecordBatch``es (the backfill reader's);
+the rows of a batch leave as one ``RowBatch`` per window and pane (each row
+with its own timestamp), which ``WriteToLake`` takes as they are, so a batch
+crosses the DoFns of its fused stage as one element instead of a thousand.
+
 The stages run in one DoFn (``ProcessRecordsFn``), each a plain function of its
 module (``parse.to_event``, ``validate.validated``, ``enrich.UserJoin``,
 ``mask.mask_event``), not as a chain of ParDos: a ParDo per stage cost each
@@ -24,6 +29,7 @@ are added up per bundle and reported when the bundle finishes.
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Mapping, Optional
 
 import apache_beam as beam
@@ -37,6 +43,7 @@ from transforms.enrich import enrich_counters, join_options, report, unavailable
 from transforms.envelope import DEFAULT_LIMITS, InvalidEvent, Limits, utc_now_ms
 from transforms.mask import MaskingFailure, load_masker, mask_event
 from transforms.parse import ParseFailure, to_event
+from transforms.records import RecordBatch, RowBatch
 from transforms.schemas import SchemaRegistry, SchemaViolation, UnknownEventType, read_documents
 from transforms.validate import validated
 from transforms.version import PIPELINE_VERSION
@@ -49,7 +56,8 @@ _STAGE_COUNTERS = tuple(f"{stage}.{count}" for stage in ("parse", "validate", "m
 
 
 class ProcessRecordsFn(beam.DoFn):
-    """``SourceRecord`` -> lake row (main output) or dead letter (``DEAD_LETTERS``), all stages in one call.
+    """``SourceRecord`` -> lake row (main output) or dead letter (``DEAD_LETTERS``), all stages in one call;
+    ``RecordBatch`` -> ``RowBatch`` (main output) and dead letters.
 
     Events whose user is not cached wait in the ``UserJoin`` for a batched
     lookup (started at ``batch_size`` users or ``max_buffered_events`` events,
@@ -94,9 +102,20 @@ class ProcessRecordsFn(beam.DoFn):
     def start_bundle(self):
         self._tally.clear()
         self._join.reset()
+        self._batched = False  # whether this bundle's rows leave as RowBatches
 
-    def process(self, record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
                 pane=beam.DoFn.PaneInfoParam):
+        if isinstance(element, RecordBatch):
+            self._batched = True
+            yield from _gathered(itertools.chain.from_iterable(
+                self._process(record, Timestamp(micros=event_ms * 1000), window, pane)
+                for record, event_ms in element.timestamped()))
+        else:
+            yield from self._process(element, timestamp, window, pane)
+
+    def _process(self, record, timestamp, window, pane):
+        """One record through the stages: its row, its dead letter, or nothing yet (held for its user)."""
         tally = self._tally
         tally["core.received"] += 1
         tally["parse.received"] += 1
@@ -104,14 +123,14 @@ class ProcessRecordsFn(beam.DoFn):
         try:
             event = to_event(record, element_ms, self._limits)
         except (ParseFailure, InvalidEvent) as exc:
-            yield self._dead_letter("parse", exc.reason, str(exc), record)
+            yield self._dead_letter("parse", exc.reason, str(exc), record, timestamp, window, pane)
             return
         tally["parse.succeeded"] += 1
         tally["validate.received"] += 1
         try:
             event = validated(self._registry, event)
         except (UnknownEventType, SchemaViolation) as exc:
-            yield self._dead_letter("validate", exc.reason, str(exc), record)
+            yield self._dead_letter("validate", exc.reason, str(exc), record, timestamp, window, pane)
             return
         tally["validate.succeeded"] += 1
         if event["received_at"] > element_ms:
@@ -123,7 +142,8 @@ class ProcessRecordsFn(beam.DoFn):
         yield from self._answered(self._join.answers())
 
     def finish_bundle(self):
-        yield from self._answered(self._join.flush())
+        answered = self._answered(self._join.flush())
+        yield from _gathered(answered) if self._batched else answered
         report(self._tally, self._counters)
         report(self._join.tally, self._enrich_counters)
 
@@ -155,11 +175,25 @@ class ProcessRecordsFn(beam.DoFn):
         row["pipeline_version"] = self._pipeline_version
         yield WindowedValue(row, timestamp, (window,), pane)
 
-    def _dead_letter(self, stage: str, reason: str, message: str, record):
+    def _dead_letter(self, stage: str, reason: str, message: str, record, timestamp, window, pane):
         self._tally[f"{stage}.dead_lettered"] += 1
         self._tally["core.dead_lettered"] += 1
-        return beam.pvalue.TaggedOutput(
-            DEAD_LETTERS, dead_letter(stage, reason, message, retryable=False, record=record))
+        letter = dead_letter(stage, reason, message, retryable=False, record=record)
+        return beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
+
+
+def _gathered(outputs):
+    """Rows (main-output windowed values) -> one ``RowBatch`` per window and pane; dead letters pass through."""
+    groups: dict = {}
+    for output in outputs:
+        if isinstance(output, WindowedValue):
+            rows, micros = groups.setdefault((output.windows, output.pane_info), ([], []))
+            rows.append(output.value)
+            micros.append(output.timestamp.micros)
+        else:
+            yield output
+    for (windows, pane), (rows, micros) in groups.items():
+        yield WindowedValue(RowBatch(tuple(rows), tuple(micros)), Timestamp(micros=min(micros)), windows, pane)
 
 
 class ProcessEvents(beam.PTransform):

@@ -8,10 +8,11 @@ for every late chunk within ``allowed_lateness_seconds`` (discarding: each pane
 holds only its new rows), grouped by partition ``(event_type, day of
 received_at in UTC)``:
 
-* where the rows are made, each bundle's rows are converted to Arrow with the
-  event type's lake schema, in chunks per partition and window (at most
-  ``row_group_size`` rows; ``max_buffered_rows`` rows held at once), so the
-  shuffle moves a few Arrow chunks instead of every row;
+* where the rows are made, each bundle's rows (single, or ``RowBatch``es of
+  them) are converted to Arrow with the event type's lake schema, in chunks per
+  partition and window (at most ``row_group_size`` rows; ``max_buffered_rows``
+  rows held at once), so the shuffle moves a few Arrow chunks (IPC, zstd
+  compressed) instead of every row;
 * each window's partition is written by one DoFn call, in row groups of at most
   ``row_group_size`` rows, streamed to a staged local file, at most
   ``max_rows_per_file`` rows a file (bounded memory for large groups);
@@ -56,13 +57,14 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window as beam_window
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.dead_letter import dead_letter
 from transforms.envelope import EVENT_TYPE_RE
 from transforms.object_store import ObjectStore, join, parse_uri
 from transforms.parquet_rows import rows_to_table
-from transforms.records import SourceRecord
+from transforms.records import RowBatch, SourceRecord
 from transforms.schemas import SchemaRegistry, read_documents
 
 NAMESPACE = "eventlake"
@@ -98,9 +100,14 @@ def write_dead_letter(row, reason: str, message: str, event_type: str = "") -> d
     return dead_letter(STAGE, reason, message, retryable=False, record=source)
 
 
+# Chunks cross the shuffle (and the runner's memory) zstd-compressed: 158 bytes a row instead of 502 on
+# the bench's rows, for ~4 us a row of (de)compression in the workers (docs/benchmarks.md, stop 15).
+_SHUFFLE_IPC = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
 def _table_to_ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=_SHUFFLE_IPC) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
@@ -142,20 +149,29 @@ class _PartitionChunksFn(beam.DoFn):
         self.groups: dict = {}  # (event_type, day, fixed window, input window) -> [min timestamp, rows]
         self.buffered = 0
 
-    def process(self, row, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        if isinstance(element, RowBatch):
+            for row, micros in element.timestamped():
+                yield from self._place(row, Timestamp(micros=micros), window)
+        else:
+            yield from self._place(element, timestamp, window)
+
+    def _place(self, row, timestamp, window):
+        """Adds one row to its chunk (emitting chunks that are full), or dead-letters it."""
         event_type = row.get("event_type") if isinstance(row, dict) else None
         if event_type not in self.event_types:
             self.dead_lettered.inc()
             known = isinstance(event_type, str) and EVENT_TYPE_RE.match(event_type) is not None
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, write_dead_letter(
-                row, "unknown_event_type", "lake row has no lake schema for its event type",
-                event_type if known else ""))
+            letter = write_dead_letter(row, "unknown_event_type", "lake row has no lake schema for its event type",
+                                       event_type if known else "")
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,)))
             return
         received_at = row.get("received_at")
         if isinstance(received_at, bool) or not isinstance(received_at, int) or not 0 <= received_at <= _MAX_MS:
             self.dead_lettered.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, write_dead_letter(
-                row, "invalid_received_at", "lake row has no valid received_at to partition by", event_type))
+            letter = write_dead_letter(row, "invalid_received_at", "lake row has no valid received_at to partition by",
+                                       event_type)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,)))
             return
         key = (event_type, received_at // _DAY_MS, timestamp.micros // self.window_micros, window)
         group = self.groups.get(key)
