@@ -54,7 +54,8 @@ TABLE = [
 
 
 def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: int = 500_000,
-            backfill_files: int = 8, backfill_runner: str = "fnapi2", stream_rate: float = STREAM_RATE,
+            backfill_files: int = 8, backfill_runner: str = "fnapi2", backfill_rounds: int = 3,
+            stream_rate: float = STREAM_RATE,
             stream_duration_s: float = 120.0, stream_window_s: int = 10, capacity_events: int = 100_000) -> dict:
     """Runs the chosen benchmarks; returns the flat headline figures plus each part's details."""
     from bench import machine
@@ -74,7 +75,8 @@ def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: i
     if "backfill" in parts:
         from bench import backfill
 
-        detail = backfill.run(events=backfill_events, files=backfill_files, runner=backfill_runner)
+        detail = backfill.run(events=backfill_events, files=backfill_files, runner=backfill_runner,
+                              rounds=backfill_rounds)
         results["details"]["backfill"] = detail
         for key in ("backfill_events", "backfill_events_per_s", "baseline_events_per_s",
                     "backfill_to_baseline_ratio", "baseline_two_processes_events_per_s",
@@ -126,6 +128,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--backfill_events", type=int, default=500_000)
     parser.add_argument("--backfill_files", type=int, default=8)
     parser.add_argument("--backfill_runner", default="fnapi2")
+    parser.add_argument("--backfill_rounds", type=int, default=3,
+                        help="backfill/baseline pairs, alternating; the figures are their medians")
     parser.add_argument("--stream_rate", type=float, default=STREAM_RATE)
     parser.add_argument("--stream_duration", type=float, default=120.0)
     parser.add_argument("--stream_window", type=int, default=10)
@@ -134,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     results = run_all(parts=tuple(p for p in args.only.split(",") if p), ingress_duration_s=args.ingress_duration,
                       backfill_events=args.backfill_events, backfill_files=args.backfill_files,
-                      backfill_runner=args.backfill_runner, stream_rate=args.stream_rate,
+                      backfill_runner=args.backfill_runner, backfill_rounds=args.backfill_rounds,
+                      stream_rate=args.stream_rate,
                       stream_duration_s=args.stream_duration, stream_window_s=args.stream_window,
                       capacity_events=args.capacity_events)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -71,7 +71,10 @@ def test_backfill_and_baseline_process_every_event(moto_server, tmp_path):
     stack = LocalStack(StackConfig(stream="smoke-backfill", users_table="smoke-backfill-users",
                                    dead_letter_queue="smoke-backfill-dlq", bucket="smoke-backfill-lake"),
                        server=moto_server).start()
-    results = backfill.run(events=400, files=2, runner="fnapi1", users=50, workdir=str(tmp_path), stack=stack)
+    results = backfill.run(events=400, files=2, runner="fnapi1", users=50, workdir=str(tmp_path), stack=stack,
+                           rounds=2)
+    assert [sorted(pair) for pair in results["rounds_detail"]] == [["backfill_seconds", "baseline_seconds", "ratio"]] * 2
+    assert results["conserved"]
     for key in ("backfill_events_per_s", "baseline_events_per_s", "backfill_to_baseline_ratio",
                 "baseline_two_processes_events_per_s", "backfill_to_two_processes_ratio", "backfill_peak_rss_mb"):
         assert results[key] > 0, key
@@ -80,6 +83,12 @@ def test_backfill_and_baseline_process_every_event(moto_server, tmp_path):
     assert pipeline["conserved"] and base["conserved"] and split["conserved"]
     # the same work on the same data
     assert pipeline["rows_written"] == base["rows_written"] == split["rows_written"]
+
+
+@pytest.mark.parametrize("rounds", [0, -1, 1.5, True])
+def test_backfill_rounds_must_be_a_positive_integer(rounds):
+    with pytest.raises(ValueError, match="rounds"):
+        backfill.run(events=10, rounds=rounds)
 
 
 def test_stream_bench_sees_every_event_land(tmp_path):
