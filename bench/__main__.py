@@ -1,7 +1,7 @@
 """``make bench``: every benchmark in one run; writes bench/results/latest.json and prints a table.
 
-Sizes are parameters (defaults sized so the whole run fits in well under 20
-minutes on a 2-core machine)::
+Sizes are parameters (with the defaults a run took 12-17 minutes on a 2-core
+machine, three backfill rounds included)::
 
     python -m bench [--backfill_events 500000] [--stream_rate 1000] [--stream_duration 120]
                     [--capacity_events 100000] [--only ingress,stream]

@@ -19,8 +19,10 @@ workers reach).
 The same run of the same code on the same data took 59-78 s here (the CPU-bound
 phase alone moved by a fifth between runs), and the one-process loop 78-97 s,
 so one pair says little. The pipeline and the loop therefore run ``rounds``
-times, alternating, and the figures are the medians (each round's pair is
-kept in ``rounds_detail``).
+times, alternating; the figures are the medians (peak RSS: the maximum), the
+headline ratio is the ratio of the two medians, and each round's pair and
+ratio are kept in ``rounds_detail``. The two-process yardstick runs once,
+after the rounds.
 
 Runners (``RUNNERS``): ``fnapi2`` (FnApiRunner, two worker processes: uses both
 cores), ``fnapi1`` (FnApiRunner, one process), ``prism`` (Prism, one LOOPBACK

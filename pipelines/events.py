@@ -45,7 +45,7 @@ LOG = logging.getLogger("eventlake.pipelines.events")
 
 
 class EventsOutput(NamedTuple):
-    """What ``build_pipeline`` returns, for tests to assert on."""
+    """What ``build_pipeline`` returns, for tests to assert on (in backfill mode ``rows`` holds ``RowBatch``es)."""
 
     rows: beam.PCollection
     written_files: beam.PCollection

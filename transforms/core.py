@@ -199,6 +199,8 @@ def _gathered(outputs):
 class ProcessEvents(beam.PTransform):
     """``SourceRecord`` -> ``(rows, dead_letters)`` through parse, validate, enrich and mask.
 
+    Given ``RecordBatch`` elements (the backfill reader's), ``rows`` holds ``RowBatch``es of rows.
+
     Users are looked up in DynamoDB table ``users_table`` (``endpoint_url``,
     ``region_name``; ``enrich_options`` are those of ``enrich.join_options``:
     cache TTLs and size, lookup batch size); masking uses the schemas of

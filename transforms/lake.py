@@ -149,14 +149,15 @@ class _PartitionChunksFn(beam.DoFn):
         self.groups: dict = {}  # (event_type, day, fixed window, input window) -> [min timestamp, rows]
         self.buffered = 0
 
-    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
+                pane=beam.DoFn.PaneInfoParam):
         if isinstance(element, RowBatch):
             for row, micros in element.timestamped():
-                yield from self._place(row, Timestamp(micros=micros), window)
+                yield from self._place(row, Timestamp(micros=micros), window, pane)
         else:
-            yield from self._place(element, timestamp, window)
+            yield from self._place(element, timestamp, window, pane)
 
-    def _place(self, row, timestamp, window):
+    def _place(self, row, timestamp, window, pane):
         """Adds one row to its chunk (emitting chunks that are full), or dead-letters it."""
         event_type = row.get("event_type") if isinstance(row, dict) else None
         if event_type not in self.event_types:
@@ -164,14 +165,14 @@ class _PartitionChunksFn(beam.DoFn):
             known = isinstance(event_type, str) and EVENT_TYPE_RE.match(event_type) is not None
             letter = write_dead_letter(row, "unknown_event_type", "lake row has no lake schema for its event type",
                                        event_type if known else "")
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,)))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
             return
         received_at = row.get("received_at")
         if isinstance(received_at, bool) or not isinstance(received_at, int) or not 0 <= received_at <= _MAX_MS:
             self.dead_lettered.inc()
             letter = write_dead_letter(row, "invalid_received_at", "lake row has no valid received_at to partition by",
                                        event_type)
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,)))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
             return
         key = (event_type, received_at // _DAY_MS, timestamp.micros // self.window_micros, window)
         group = self.groups.get(key)

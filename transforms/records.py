@@ -48,9 +48,10 @@ class RecordBatch(NamedTuple):
 
 
 class RowBatch(NamedTuple):
-    """Lake rows made together from one :class:`RecordBatch`, each with its element timestamp (epoch micros).
+    """Lake rows emitted together (by one call of the core's DoFn), each with its element timestamp (epoch micros).
 
-    All share the batch element's window and pane; the batch element's timestamp is the earliest of them.
+    Mostly the rows of one :class:`RecordBatch`, plus rows of earlier batches whose user lookup answered meanwhile;
+    all share one window and pane, and the batch element's timestamp is the earliest of them.
     """
 
     rows: tuple  # of dict
