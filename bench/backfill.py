@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,12 +124,6 @@ def run_pipeline(stack: LocalStack, pattern: str, lake: str, *, runner: str = "f
     return {"seconds": round(seconds, 2), "peak_rss_mb": peak.mb, **summary}
 
 
-def _median(values: list) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users: int = 2000, seed: int = 7,
         workdir: Optional[str] = None, stack: Optional[LocalStack] = None, with_baseline: bool = True,
         rounds: int = 1) -> dict:
@@ -159,7 +154,7 @@ def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users:
             if with_baseline:
                 bases.append(baseline.run_on(data["pattern"], os.path.join(workdir, f"baseline_lake-{index}"),
                                              stack=stack))
-        seconds = _median([run["seconds"] for run in pipelines])
+        seconds = statistics.median([run["seconds"] for run in pipelines])
         pipeline = min(pipelines, key=lambda run: abs(run["seconds"] - seconds))
         result = {
             "events": events, "files": len(data["paths"]), "runner": runner, "prepare_s": round(prepare_s, 1),
@@ -171,7 +166,7 @@ def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users:
             "conserved": all(run["conserved"] for run in pipelines),
         }
         if with_baseline:
-            base_seconds = _median([base["seconds"] for base in bases])
+            base_seconds = statistics.median([base["seconds"] for base in bases])
             split = baseline.run_side_by_side(data["pattern"], os.path.join(workdir, "baseline_split_lake"),
                                               stack=stack, processes=2)
             result.update({
