@@ -52,6 +52,11 @@ class EventsOutput(NamedTuple):
     dead_letters: beam.PCollection
 
 
+#: Records per element from each source: the backfill reader's lines and the Kinesis reader's records travel to the
+#: core as batches (transforms.records), each record with its own event time.
+RECORDS_PER_ELEMENT = 1000
+
+
 def build_pipeline(p: beam.Pipeline, opts: EventsOptions) -> EventsOutput:
     """Wires source -> core -> sinks onto ``p``; no I/O happens here."""
     if opts.mode == "stream":
@@ -60,9 +65,10 @@ def build_pipeline(p: beam.Pipeline, opts: EventsOptions) -> EventsOutput:
             start_position=opts.start_position,
             stop_when_idle_seconds=opts.stop_when_idle_seconds,
             idle_watermark_seconds=opts.idle_watermark_seconds,  # 0: off
+            records_per_element=RECORDS_PER_ELEMENT,
         )
     else:
-        records = p | "ReadBackfill" >> ReadBackfillFiles(opts.input)
+        records = p | "ReadBackfill" >> ReadBackfillFiles(opts.input, batch_lines=RECORDS_PER_ELEMENT)
 
     rows, core_dead_letters = records | "ProcessEvents" >> ProcessEvents(
         opts.schema_dir,

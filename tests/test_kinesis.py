@@ -21,6 +21,7 @@ from tests.test_kinesis_support import (
     split_readers,
 )
 from transforms.kinesis import KinesisSource, ReaderConfig, ReadFromKinesis, StartPosition
+from transforms.records import RecordBatch
 from transforms.kinesis_checkpoint import (
     AFTER,
     DONE,
@@ -58,6 +59,9 @@ def test_start_position_at_timestamp_is_epoch_ms():
         ({"poll_interval_seconds": 0.1}, "poll_interval_seconds"),
         ({"records_per_call": 10_001}, "records_per_call"),
         ({"max_bundle_seconds": 0}, "max_bundle_seconds"),
+        ({"records_per_element": 0}, "records_per_element"),
+        ({"records_per_element": 10_001}, "records_per_element"),
+        ({"records_per_element": True}, "records_per_element"),
     ],
 )
 def test_read_from_kinesis_validates_its_config(kwargs, name):
@@ -141,6 +145,47 @@ def test_event_time_is_received_at_else_arrival_time(stack):
     assert reader.advance()
     arrival = reader.get_current_timestamp().micros / 1e6
     assert abs(arrival - time.time()) < 600  # ApproximateArrivalTimestamp: now, not 2023
+
+
+@pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
+def test_batches_are_consecutive_records_of_one_shard_each_with_its_own_event_time(stack):
+    client = kinesis_client()
+    stream = stack.config.stream
+    start_ms = 1_790_000_000_000
+    puts, received = [], {}
+    for index, shard in enumerate(client.list_shards(StreamName=stream)["Shards"]):
+        hash_key = str(int(shard["HashKeyRange"]["StartingHashKey"]) + 1)
+        for n in range(700):
+            key = f"s{index}"
+            # s0 rises and holds the watermark (the minimum over shards); s1, an hour ahead, falls record by
+            # record, so its batches' earliest records are their last and none is behind the watermark.
+            received[(key, n)] = start_ms + n * 3 if index == 0 else start_ms + 3_600_000 - n * 3
+            puts.append({"Data": envelope(key, n, received_at_ms=received[(key, n)]), "PartitionKey": key,
+                         "ExplicitHashKey": hash_key})
+    put_all(client, stream, puts)
+    # One reader owns both shards (no split), reading at most 250 records a call, emitting batches of up to 64.
+    source = _source(stack, records_per_call=250, records_per_element=64)
+    coder = KinesisCheckpointCoder()
+    first = source.create_reader(None, None)
+    stamped = drain(first, limit=9, stamped=True)
+    mark = coder.decode(coder.encode(first.get_checkpoint_mark()))  # cut after the ninth batch
+    first.close()
+    stamped += drain(source.create_reader(None, mark), stamped=True)
+
+    assert all(isinstance(batch, RecordBatch) for batch, _ in stamped)
+    assert max(len(batch.records) for batch, _ in stamped) == 64
+    read = []
+    for batch, micros in stamped:
+        assert 1 <= len(batch.records) <= 64 and len(batch.event_ms) == len(batch.records)
+        assert len({record.shard_id for record in batch.records}) == 1
+        sequence = [int(record.sequence_number) for record in batch.records]
+        assert sequence == sorted(sequence) and len(set(sequence)) == len(sequence)
+        for record, event_ms in batch.timestamped():
+            assert event_ms == received[decode(record.data)]  # each record its own time, nothing clamped here
+            read.append(decode(record.data))
+        assert micros == min(batch.event_ms) * 1000  # the element's timestamp is its earliest record's
+    assert_exactly_once_in_order(read, {"s0": 700, "s1": 700})
+    assert any(micros != batch.event_ms[0] * 1000 for batch, micros in stamped)  # s1: the earliest is not the first
 
 
 @pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)

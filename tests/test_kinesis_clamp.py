@@ -15,6 +15,7 @@ from apache_beam.utils import counters
 from tests.test_kinesis_support import envelope, kinesis_client, put_all
 from transforms.envelope import utc_now_ms
 from transforms.kinesis_checkpoint import KinesisCheckpointCoder
+from transforms.records import RecordBatch
 from transforms.kinesis import NAMESPACE, KinesisReader, KinesisSource, ReaderConfig, StartPosition
 
 
@@ -47,10 +48,10 @@ def metrics():
         statesampler.set_current_tracker(None)
 
 
-def _idle_reader(stack, clock: FakeClock) -> KinesisReader:
+def _idle_reader(stack, clock: FakeClock, records_per_element: int = 1) -> KinesisReader:
     """A started reader on an empty one-shard stream whose watermark has advanced while idle."""
     source = KinesisSource(stack.config.stream, StartPosition.parse("trim_horizon"),
-                           ReaderConfig(idle_watermark_seconds=2.0))
+                           ReaderConfig(idle_watermark_seconds=2.0, records_per_element=records_per_element))
     (sub,) = source.split(4)
     reader = KinesisReader(sub, None, clock=clock)
     assert reader.start() is False  # nothing on the stream yet
@@ -60,21 +61,29 @@ def _idle_reader(stack, clock: FakeClock) -> KinesisReader:
 
 
 def _read(reader: KinesisReader, clock: FakeClock, expected: int) -> list[tuple[str, int]]:
-    """(event_id, emitted timestamp in ms) of ``expected`` records; each poll is made due by the clock."""
+    """(data, emitted timestamp in ms) of ``expected`` records; each poll is made due by the clock.
+
+    A record of a ``RecordBatch`` is emitted at its own time, which is never before its batch element's."""
     out = []
     for _ in range(50):  # bounded: a few polls suffice
         clock.advance(0.5)
         while reader.advance():
-            out.append((reader.get_current().data, reader.get_current_timestamp().micros // 1000))
+            current, element_ms = reader.get_current(), reader.get_current_timestamp().micros // 1000
+            if isinstance(current, RecordBatch):
+                assert element_ms == min(current.event_ms)
+                out += [(record.data, event_ms) for record, event_ms in current.timestamped()]
+            else:
+                out.append((current.data, element_ms))
         if len(out) >= expected:
             return out
     raise AssertionError(f"read {len(out)} of {expected} records")
 
 
+@pytest.mark.parametrize("records_per_element", [1, 4])
 @pytest.mark.parametrize("stack", [{"shards": 1}], indirect=True)
-def test_records_behind_the_idle_watermark_are_emitted_at_the_watermark(stack, metrics):
+def test_records_behind_the_idle_watermark_are_emitted_at_the_watermark(stack, metrics, records_per_element):
     clock = FakeClock()
-    reader = _idle_reader(stack, clock)
+    reader = _idle_reader(stack, clock, records_per_element)
     watermark_ms = reader.get_watermark().micros // 1000
     assert abs(watermark_ms - (utc_now_ms() - 2000)) < 60_000  # the idle advance: wall now - 2 s
 

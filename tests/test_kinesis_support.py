@@ -79,15 +79,18 @@ def assert_exactly_once_in_order(read: list[tuple[str, int]], expected: dict[str
         assert ns == sorted(ns), f"{key}: out of order"
 
 
-def drain(reader: KinesisReader, *, limit: Optional[int] = None, timeout: float = 120.0) -> list:
-    """Drives a started reader until MAX watermark (or ``limit`` records); bounded by ``timeout``."""
+def drain(reader: KinesisReader, *, limit: Optional[int] = None, timeout: float = 120.0, stamped: bool = False) -> list:
+    """Drives a started reader until MAX watermark (or ``limit`` elements); bounded by ``timeout``.
+
+    ``stamped``: ``(element, timestamp micros)`` pairs instead of elements."""
     out = []
     deadline = time.monotonic() + timeout
     has = reader.start() if not getattr(reader, "_started_by_test", False) else reader.advance()
     reader._started_by_test = True
     while time.monotonic() < deadline:
         if has:
-            out.append(reader.get_current())
+            current = reader.get_current()
+            out.append((current, reader.get_current_timestamp().micros) if stamped else current)
             if limit is not None and len(out) >= limit:
                 return out
         elif reader.get_watermark().micros >= MAX_TS_MICROS:

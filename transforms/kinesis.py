@@ -77,7 +77,7 @@ from transforms.kinesis_checkpoint import (
 )
 from transforms.kinesis_shards import ShardInfo, adopted_children, lineage_groups, list_shards, owned_parents
 from transforms.kinesis_watermarks import SiblingGroup, aligned as aligned_watermark, publish as publish_watermark
-from transforms.records import SourceRecord
+from transforms.records import RecordBatch, SourceRecord
 
 LOG = logging.getLogger("eventlake.transforms.kinesis")
 
@@ -135,6 +135,7 @@ class ReaderConfig(NamedTuple):
     records_per_call: int = 10_000
     shard_refresh_seconds: float = 5.0
     align_watermarks: bool = False  # report the minimum over sibling readers (transforms.kinesis_watermarks)
+    records_per_element: int = 1  # 1: one SourceRecord per element; more: RecordBatches of up to this many
 
 
 def _error_code(exc: Exception) -> Optional[str]:
@@ -309,7 +310,7 @@ class KinesisReader(UnboundedReader):
                 break
         return self._emit_buffered()
 
-    def get_current(self) -> SourceRecord:
+    def get_current(self):  # a SourceRecord, or a RecordBatch (records_per_element > 1)
         return self._current[0]
 
     def get_current_timestamp(self) -> Timestamp:
@@ -422,22 +423,29 @@ class KinesisReader(UnboundedReader):
             shard = shards[(self._rotation + offset) % len(shards)]
             if not shard.buffer:
                 continue
-            record, event_ms = shard.buffer.popleft()
+            self._rotation = (self._rotation + offset) % len(shards)
+            per_element = self.source.config.records_per_element
+            taken = [shard.buffer.popleft() for _ in range(min(per_element, len(shard.buffer)))]
             # Never emit behind our own watermark: a straggler (received_at stamped
             # before records already emitted, or before an idle advance) would be
             # late at the lake's GroupByKey and silently dropped. Clamped, it joins
             # the earliest open window; its row keeps its received_at (and partition).
             floor_ms = self._watermark.micros // 1000
-            if event_ms < floor_ms:
-                event_ms = floor_ms
-                self.clamped.inc()
-            self._rotation = (self._rotation + offset) % len(shards)
-            self._current = (record, event_ms)
-            shard.position = ShardPosition(shard.shard_id, AFTER, record.sequence_number, shard.parents)
-            if shard.watermark_ms is None or event_ms > shard.watermark_ms:
-                shard.watermark_ms = event_ms
-            self.records.inc()
-            self.bytes.inc(len(record.data))
+            times = [event_ms if event_ms >= floor_ms else floor_ms for _, event_ms in taken]
+            clamped = sum(1 for (_, event_ms) in taken if event_ms < floor_ms)
+            if clamped:
+                self.clamped.inc(clamped)
+            records = [record for record, _ in taken]
+            if per_element == 1:
+                self._current = (records[0], times[0])
+            else:  # each record keeps its own time; the element's is the earliest (never behind the floor)
+                self._current = (RecordBatch(tuple(records), tuple(times)), min(times))
+            shard.position = ShardPosition(shard.shard_id, AFTER, records[-1].sequence_number, shard.parents)
+            latest = max(times)
+            if shard.watermark_ms is None or latest > shard.watermark_ms:
+                shard.watermark_ms = latest
+            self.records.inc(len(records))
+            self.bytes.inc(sum(len(record.data) for record in records))
             if not shard.buffer and shard.end_reached:
                 self._finish_shard(shard)
             return True
@@ -620,6 +628,16 @@ class ReadFromKinesis(beam.PTransform):
     (``(endpoint_url, region) -> client``, picklable) replaces the boto3 client,
     e.g. to inject faults in tests.
 
+    ``records_per_element``: 1 (the default) emits one ``SourceRecord`` per
+    element; more emits ``RecordBatch``es of up to that many consecutive
+    records of one shard, each with its own event time (the element's is the
+    earliest), as ``ProcessEvents`` takes them. A batch holds what one
+    ``GetRecords`` call already returned: the reader never waits to fill one.
+    Why: a Beam element costs its dispatch, windowed value and the unbounded
+    source wrapper's claim and watermark update, which measured more than the
+    stream's own work per record (docs/benchmarks.md).
+    ``max_records_per_bundle`` counts records either way.
+
     ``align_watermarks``: each reader reports the minimum watermark over all
     readers of the stream (``transforms.kinesis_watermarks``: Prism otherwise
     lets the last reader to checkpoint set the watermark and drops the slower
@@ -644,6 +662,7 @@ class ReadFromKinesis(beam.PTransform):
         max_bundle_seconds: float = 5.0,
         client_factory: Optional[Callable] = None,
         align_watermarks: Optional[bool] = None,
+        records_per_element: int = 1,
     ):
         super().__init__()
         if not stream or not isinstance(stream, str):
@@ -658,6 +677,9 @@ class ReadFromKinesis(beam.PTransform):
             raise ValueError(f"poll_interval_seconds must be >= {MIN_POLL_INTERVAL_SECONDS}, got {poll_interval_seconds!r}")
         if not 1 <= records_per_call <= 10_000:
             raise ValueError(f"records_per_call must be within 1..10000, got {records_per_call!r}")
+        if isinstance(records_per_element, bool) or not isinstance(records_per_element, int) \
+                or not 1 <= records_per_element <= 10_000:
+            raise ValueError(f"records_per_element must be within 1..10000, got {records_per_element!r}")
         if max_records_per_bundle < 1:
             raise ValueError(f"max_records_per_bundle must be >= 1, got {max_records_per_bundle!r}")
         if max_bundle_seconds <= 0:
@@ -665,7 +687,8 @@ class ReadFromKinesis(beam.PTransform):
         self._source = KinesisSource(
             stream,
             start,
-            ReaderConfig(stop_when_idle_seconds, idle_watermark_seconds, poll_interval_seconds, records_per_call),
+            ReaderConfig(stop_when_idle_seconds, idle_watermark_seconds, poll_interval_seconds, records_per_call,
+                         records_per_element=records_per_element),
             endpoint_url=endpoint_url,
             region=region,
             client_factory=client_factory,
@@ -689,6 +712,7 @@ class ReadFromKinesis(beam.PTransform):
         return pbegin | "ReadShards" >> ReadFromUnboundedSource(
             source,
             poll_interval=self._poll_interval,
-            max_records_per_bundle=self._max_records,
+            # The wrapper counts elements: a bundle of batches holds about as many records as one of records.
+            max_records_per_bundle=max(1, self._max_records // source.config.records_per_element),
             max_read_time_seconds=self._max_seconds,
         )
