@@ -183,6 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--window_seconds", type=int, default=10)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--stop_when_idle_seconds", type=float, default=15.0,
+                        help="the stream ends once Kinesis has been idle this long after the last event")
     parser.add_argument("--schema_dir", default=os.path.join(PROJECT_ROOT, "schemas"))
     args = parser.parse_args(argv)
 
@@ -217,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"--users_table={stack.config.users_table}", f"--output={lake}",
                 f"--dead_letter={stack.queue_url}", f"--dead_letter_overflow=s3://{stack.config.bucket}/dead_letters",
                 f"--schema_dir={args.schema_dir}", f"--window_seconds={args.window_seconds}",
-                "--stop_when_idle_seconds=15",
+                f"--stop_when_idle_seconds={args.stop_when_idle_seconds}",
             ], env=env, log_path=os.path.join(logs, "pipeline.log"), cwd=PROJECT_ROOT)
             children.append(pipeline)
             print("[3/5] streaming pipeline started", flush=True)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def _demo(lake: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "runners.demo", f"--lake={lake}", "--events=300", "--rate=600", "--users=50",
-         "--window_seconds=2", "--seed=5", *extra],
+         "--window_seconds=2", "--seed=5", "--stop_when_idle_seconds=6", *extra],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": PROJECT_ROOT}, start_new_session=True)
 

@@ -5,7 +5,8 @@ Kinesis records, backfill lines and re-driven payloads all become a
 dead letter needs to point back at its origin.
 
 A source may hand records to the core one element each or as a
-:class:`RecordBatch` (the backfill reader does): a Beam element costs its
+:class:`RecordBatch` (the backfill reader does, and the Kinesis reader when
+asked, as the events pipeline does): a Beam element costs its
 dispatch, windowed value and hand-over between fused DoFns, which measured
 more than a tenth of a backfill's CPU when every line was one element
 (docs/benchmarks.md). The core then emits the rows of a batch as one
@@ -34,7 +35,7 @@ class SourceRecord(NamedTuple):
 
 
 class RecordBatch(NamedTuple):
-    """Records read together (consecutive lines of one file), each with its own event time (epoch ms).
+    """Records read together (consecutive lines of one file, or of one shard), each with its own event time (epoch ms).
 
     The batch element's timestamp is the earliest of them.
     """
