@@ -20,7 +20,14 @@ from tests.test_kinesis_support import (
     put_all,
     split_readers,
 )
-from transforms.kinesis import KinesisSource, ReaderConfig, ReadFromKinesis, StartPosition
+from transforms.kinesis import (
+    KinesisSource,
+    ReaderConfig,
+    ReadFromKinesis,
+    StartPosition,
+    default_kinesis_client,
+    epoch_timestamp,
+)
 from transforms.records import RecordBatch
 from transforms.kinesis_checkpoint import (
     AFTER,
@@ -186,6 +193,37 @@ def test_batches_are_consecutive_records_of_one_shard_each_with_its_own_event_ti
         assert micros == min(batch.event_ms) * 1000  # the element's timestamp is its earliest record's
     assert_exactly_once_in_order(read, {"s0": 700, "s1": 700})
     assert any(micros != batch.event_ms[0] * 1000 for batch, micros in stamped)  # s1: the earliest is not the first
+
+
+def test_response_timestamps_are_utc_datetimes_whatever_their_form():
+    import datetime as dt
+
+    utc = dt.timezone.utc
+    assert epoch_timestamp(1_790_000_000.123) == dt.datetime(2026, 9, 21, 14, 13, 20, 123000, tzinfo=utc)
+    assert epoch_timestamp(1_790_000_000) == dt.datetime(2026, 9, 21, 14, 13, 20, tzinfo=utc)
+    assert epoch_timestamp("2026-09-21T14:13:20.5Z") == dt.datetime(2026, 9, 21, 14, 13, 20, 500000, tzinfo=utc)
+    assert epoch_timestamp(1_790_000_000.5).utcoffset() == dt.timedelta(0)
+
+
+@pytest.mark.parametrize("stack", [{"shards": 1}], indirect=True)
+def test_the_client_reads_arrival_times_as_utc_datetimes(stack, monkeypatch):
+    import datetime as dt
+
+    client = default_kinesis_client(stack.endpoint, stack.config.region)
+    put_all(client, stack.config.stream, [{"Data": b"not an envelope", "PartitionKey": "k"}])
+    shard = client.list_shards(StreamName=stack.config.stream)["Shards"][0]["ShardId"]
+    iterator = client.get_shard_iterator(StreamName=stack.config.stream, ShardId=shard,
+                                         ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # botocore's own parser would answer in this local zone, +09:00
+    time.tzset()
+    try:
+        (record,) = client.get_records(ShardIterator=iterator)["Records"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    arrival = record["ApproximateArrivalTimestamp"]
+    assert arrival.tzinfo is not None and arrival.utcoffset() == dt.timedelta(0)
+    assert abs(arrival.timestamp() - time.time()) < 600
 
 
 @pytest.mark.parametrize("stack", [{"shards": 2}], indirect=True)
