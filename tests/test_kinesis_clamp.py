@@ -6,6 +6,8 @@ them late and dropped them (the demo lost 47% of its rows).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 from apache_beam.metrics.execution import MetricsContainer
 from apache_beam.metrics.metricbase import MetricName
@@ -60,15 +62,18 @@ def _idle_reader(stack, clock: FakeClock, records_per_element: int = 1) -> Kines
     return reader
 
 
-def _read(reader: KinesisReader, clock: FakeClock, expected: int) -> list[tuple[str, int]]:
+def _read(reader: KinesisReader, clock: FakeClock, expected: int, sizes: Optional[list] = None) -> list[tuple[str, int]]:
     """(data, emitted timestamp in ms) of ``expected`` records; each poll is made due by the clock.
 
-    A record of a ``RecordBatch`` is emitted at its own time, which is never before its batch element's."""
+    A record of a ``RecordBatch`` is emitted at its own time, which is never before its batch element's;
+    ``sizes`` collects how many records each element held."""
     out = []
     for _ in range(50):  # bounded: a few polls suffice
         clock.advance(0.5)
         while reader.advance():
             current, element_ms = reader.get_current(), reader.get_current_timestamp().micros // 1000
+            if sizes is not None:
+                sizes.append(len(current.records) if isinstance(current, RecordBatch) else 1)
             if isinstance(current, RecordBatch):
                 assert element_ms == min(current.event_ms)
                 out += [(record.data, event_ms) for record, event_ms in current.timestamped()]
@@ -92,7 +97,9 @@ def test_records_behind_the_idle_watermark_are_emitted_at_the_watermark(stack, m
     put_all(kinesis_client(), stack.config.stream,
             [{"Data": data, "PartitionKey": "k"} for data in [*stragglers, fresh]])
 
-    read = _read(reader, clock, 6)
+    sizes = []
+    read = _read(reader, clock, 6, sizes)
+    assert max(sizes) == records_per_element  # batches when asked for (the 6 records came in one GetRecords call)
     assert [data for data, _ in read] == [*stragglers, fresh]  # nothing dropped, order kept
     for _, emitted_ms in read[:5]:
         assert emitted_ms >= watermark_ms  # never behind what the runner was already told

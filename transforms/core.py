@@ -5,7 +5,7 @@ enrich -> mask, and stamps each surviving event as a lake row
 (``processed_at``, ``pipeline_version``); a record either becomes one row or
 one dead letter of the stage that failed it.
 
-Records come one per element or as ``RecordBatch``es (the backfill reader's);
+Records come one per element or as ``RecordBatch``es (the backfill reader's, the Kinesis reader's);
 the rows of a batch leave as one ``RowBatch`` per window and pane (each row
 with its own timestamp), which ``WriteToLake`` takes as they are, so a batch
 crosses the DoFns of its fused stage as one element instead of a thousand.
@@ -199,7 +199,7 @@ def _gathered(outputs):
 class ProcessEvents(beam.PTransform):
     """``SourceRecord`` -> ``(rows, dead_letters)`` through parse, validate, enrich and mask.
 
-    Given ``RecordBatch`` elements (the backfill reader's), ``rows`` holds ``RowBatch``es of rows.
+    Given ``RecordBatch`` elements (the backfill or Kinesis reader's), ``rows`` holds ``RowBatch``es of rows.
 
     Users are looked up in DynamoDB table ``users_table`` (``endpoint_url``,
     ``region_name``; ``enrich_options`` are those of ``enrich.join_options``:

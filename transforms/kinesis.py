@@ -22,7 +22,7 @@ One restriction per shard (per lineage once a stream has been resharded):
   fetched, so nothing is read twice or skipped;
 - event time = the envelope's ``received_at`` (a regex, not a JSON parse),
   else ``ApproximateArrivalTimestamp``; the watermark is the minimum over the
-  reader's shards of the last event time emitted; a shard that is caught up
+  reader's shards of the latest event time emitted on each; a shard that is caught up
   and has been idle for ``idle_watermark_seconds`` lets it advance to
   ``now - idle_watermark_seconds``, so the last window of a quiet stream is
   written; a record whose event time is behind the watermark already reported
@@ -134,6 +134,15 @@ def default_kinesis_client(endpoint_url: Optional[str] = None, region: Optional[
 
 _SESSION = None
 _SESSION_LOCK = threading.Lock()
+
+
+def _forget_session_after_fork() -> None:
+    """A child process starts without the parent's session and lock (another thread may have held the lock)."""
+    global _SESSION, _SESSION_LOCK
+    _SESSION, _SESSION_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_session_after_fork)
 
 
 def _kinesis_session():
@@ -302,7 +311,7 @@ class KinesisReader(UnboundedReader):
         self._clock = clock
         self._client = None
         self._shards: dict[str, _Shard] = {}
-        self._current: Optional[tuple[SourceRecord, int]] = None
+        self._current: Optional[tuple] = None  # (SourceRecord or RecordBatch, element time in epoch ms)
         self._watermark = MIN_TIMESTAMP
         self._has_current = False  # the last start()/advance() returned a record
         self._said_max = False  # get_watermark told the runner MAX (aligned readers: the final claim)
@@ -672,7 +681,11 @@ class ReadFromKinesis(beam.PTransform):
     Why: a Beam element costs its dispatch, windowed value and the unbounded
     source wrapper's claim and watermark update, which measured more than the
     stream's own work per record (docs/benchmarks.md).
-    ``max_records_per_bundle`` counts records either way.
+    Beam's wrapper bounds a bundle by elements, so it is given
+    ``max_records_per_bundle // records_per_element`` of them: as many records
+    when batches are full, fewer when they are not (the time cap,
+    ``max_bundle_seconds``, ends a bundle at the latest).
+    ``records_per_element`` may not exceed ``max_records_per_bundle``.
 
     ``align_watermarks``: each reader reports the minimum watermark over all
     readers of the stream (``transforms.kinesis_watermarks``: Prism otherwise
@@ -716,6 +729,9 @@ class ReadFromKinesis(beam.PTransform):
         if isinstance(records_per_element, bool) or not isinstance(records_per_element, int) \
                 or not 1 <= records_per_element <= 10_000:
             raise ValueError(f"records_per_element must be within 1..10000, got {records_per_element!r}")
+        if max_records_per_bundle < records_per_element:
+            raise ValueError(f"max_records_per_bundle ({max_records_per_bundle!r}) must be at least "
+                             f"records_per_element ({records_per_element!r})")
         if max_records_per_bundle < 1:
             raise ValueError(f"max_records_per_bundle must be >= 1, got {max_records_per_bundle!r}")
         if max_bundle_seconds <= 0:
@@ -748,7 +764,7 @@ class ReadFromKinesis(beam.PTransform):
         return pbegin | "ReadShards" >> ReadFromUnboundedSource(
             source,
             poll_interval=self._poll_interval,
-            # The wrapper counts elements: a bundle of batches holds about as many records as one of records.
+            # The wrapper counts elements: a bundle of full batches holds as many records as one of single records.
             max_records_per_bundle=max(1, self._max_records // source.config.records_per_element),
             max_read_time_seconds=self._max_seconds,
         )
