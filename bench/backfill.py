@@ -124,6 +124,12 @@ def run_pipeline(stack: LocalStack, pattern: str, lake: str, *, runner: str = "f
     return {"seconds": round(seconds, 2), "peak_rss_mb": peak.mb, **summary}
 
 
+def _median_run(runs: list) -> tuple:
+    """The median of the runs' ``seconds``, and the run closest to it (the one reported in full)."""
+    seconds = statistics.median(run["seconds"] for run in runs)
+    return seconds, min(runs, key=lambda run: abs(run["seconds"] - seconds))
+
+
 def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users: int = 2000, seed: int = 7,
         workdir: Optional[str] = None, stack: Optional[LocalStack] = None, with_baseline: bool = True,
         rounds: int = 1) -> dict:
@@ -154,8 +160,7 @@ def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users:
             if with_baseline:
                 bases.append(baseline.run_on(data["pattern"], os.path.join(workdir, f"baseline_lake-{index}"),
                                              stack=stack))
-        seconds = statistics.median([run["seconds"] for run in pipelines])
-        pipeline = min(pipelines, key=lambda run: abs(run["seconds"] - seconds))
+        seconds, pipeline = _median_run(pipelines)
         result = {
             "events": events, "files": len(data["paths"]), "runner": runner, "prepare_s": round(prepare_s, 1),
             "rounds": rounds,
@@ -166,13 +171,13 @@ def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users:
             "conserved": all(run["conserved"] for run in pipelines),
         }
         if with_baseline:
-            base_seconds = statistics.median([base["seconds"] for base in bases])
+            base_seconds, base_run = _median_run(bases)
             split = baseline.run_side_by_side(data["pattern"], os.path.join(workdir, "baseline_split_lake"),
                                               stack=stack, processes=2)
             result.update({
                 "baseline_events_per_s": round(events / base_seconds, 1),
                 "baseline_seconds": round(base_seconds, 2),
-                "baseline_run": min(bases, key=lambda base: abs(base["seconds"] - base_seconds)),
+                "baseline_run": base_run,
                 "backfill_to_baseline_ratio": round(base_seconds / seconds, 3),
                 "baseline_two_processes_events_per_s": split["events_per_s"],
                 "baseline_two_processes_run": split,

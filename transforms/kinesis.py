@@ -476,11 +476,11 @@ class KinesisReader(UnboundedReader):
             # late at the lake's GroupByKey and silently dropped. Clamped, it joins
             # the earliest open window; its row keeps its received_at (and partition).
             floor_ms = self._watermark.micros // 1000
-            times = [event_ms if event_ms >= floor_ms else floor_ms for _, event_ms in taken]
-            clamped = sum(1 for (_, event_ms) in taken if event_ms < floor_ms)
+            records = [record for record, _ in taken]
+            times = [max(event_ms, floor_ms) for _, event_ms in taken]
+            clamped = sum(1 for _, event_ms in taken if event_ms < floor_ms)
             if clamped:
                 self.clamped.inc(clamped)
-            records = [record for record, _ in taken]
             if per_element == 1:
                 self._current = (records[0], times[0])
             else:  # each record keeps its own time; the element's is the earliest (never behind the floor)
@@ -729,11 +729,11 @@ class ReadFromKinesis(beam.PTransform):
         if isinstance(records_per_element, bool) or not isinstance(records_per_element, int) \
                 or not 1 <= records_per_element <= 10_000:
             raise ValueError(f"records_per_element must be within 1..10000, got {records_per_element!r}")
+        if max_records_per_bundle < 1:
+            raise ValueError(f"max_records_per_bundle must be >= 1, got {max_records_per_bundle!r}")
         if max_records_per_bundle < records_per_element:
             raise ValueError(f"max_records_per_bundle ({max_records_per_bundle!r}) must be at least "
                              f"records_per_element ({records_per_element!r})")
-        if max_records_per_bundle < 1:
-            raise ValueError(f"max_records_per_bundle must be >= 1, got {max_records_per_bundle!r}")
         if max_bundle_seconds <= 0:
             raise ValueError(f"max_bundle_seconds must be positive, got {max_bundle_seconds!r}")
         self._source = KinesisSource(
@@ -765,6 +765,6 @@ class ReadFromKinesis(beam.PTransform):
             source,
             poll_interval=self._poll_interval,
             # The wrapper counts elements: a bundle of full batches holds as many records as one of single records.
-            max_records_per_bundle=max(1, self._max_records // source.config.records_per_element),
+            max_records_per_bundle=self._max_records // source.config.records_per_element,  # >= 1: checked
             max_read_time_seconds=self._max_seconds,
         )
