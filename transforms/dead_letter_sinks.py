@@ -59,6 +59,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import window as beam_window
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms import aws
 from transforms.dead_letter import to_json
 from transforms.object_store import ObjectStore, join, parse_uri, s3_client
 
@@ -263,7 +264,6 @@ def sqs_client_for(uri: str):
 
     ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_SQS``) wins when set.
     """
-    import boto3
     from botocore.config import Config
 
     kwargs = {"config": Config(retries={"mode": "standard", "max_attempts": 8})}
@@ -276,7 +276,7 @@ def sqs_client_for(uri: str):
             kwargs["endpoint_url"] = f"{parsed.scheme}://{parsed.netloc}"
     if "region_name" not in kwargs and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
         kwargs["region_name"] = "us-east-1"
-    return boto3.session.Session().client("sqs", **kwargs)
+    return aws.client("sqs", **kwargs)
 
 
 class CorruptPointer(ValueError):

@@ -32,6 +32,7 @@ import time
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from transforms import aws
 from transforms.envelope import parse_rfc3339_ms
 
 MAX_KEYS_PER_CALL = 100  # the BatchGetItem limit
@@ -320,7 +321,6 @@ class DynamoDBUserLookup:
         return state
 
     def _make_client(self):
-        import boto3
         from botocore.config import Config
 
         config = Config(
@@ -330,7 +330,7 @@ class DynamoDBUserLookup:
             read_timeout=self.read_timeout,
             max_pool_connections=self.max_concurrency,
         )
-        return boto3.session.Session().client(
+        return aws.client(
             "dynamodb", endpoint_url=self.endpoint_url, region_name=self.region_name, config=config
         )
 

@@ -55,7 +55,6 @@ import functools
 import logging
 import os
 import random
-import threading
 import time
 import uuid
 from typing import Callable, NamedTuple, Optional
@@ -66,6 +65,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
 
+from transforms import aws
 from transforms.envelope import parse_rfc3339_ms, received_at_of
 from transforms.kinesis_checkpoint import (
     AFTER,
@@ -113,64 +113,21 @@ class StartPosition(NamedTuple):
 
 
 def default_kinesis_client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
-    """A boto3 Kinesis client; ``AWS_ENDPOINT_URL`` is honoured when no endpoint is given.
+    """A boto3 Kinesis client from the process's shared session (:mod:`transforms.aws`).
 
-    botocore's own retries are off: the reader retries itself, without blocking
-    the bundle, and counts what it retried. Its responses' epoch timestamps
-    (every record's ``ApproximateArrivalTimestamp``) are read by
-    :func:`epoch_timestamp`: botocore's own parser builds a ``dateutil`` local
-    time zone per value, which measured a tenth of the streaming pipeline's CPU.
+    ``AWS_ENDPOINT_URL`` is honoured when no endpoint is given. botocore's own
+    retries are off: the reader retries itself, without blocking the bundle,
+    and counts what it retried. Response timestamps (every record's
+    ``ApproximateArrivalTimestamp``) are read by :func:`transforms.aws.epoch_timestamp`.
     """
     from botocore.config import Config
 
-    with _SESSION_LOCK:  # a boto3 session is not thread-safe; its clients are
-        return _kinesis_session().client(
-            "kinesis",
-            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
-            region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30),
-        )
-
-
-_SESSION = None
-_SESSION_LOCK = threading.Lock()
-
-
-def _forget_session_after_fork() -> None:
-    """A child process starts without the parent's session and lock (another thread may have held the lock)."""
-    global _SESSION, _SESSION_LOCK
-    _SESSION, _SESSION_LOCK = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_session_after_fork)
-
-
-def _kinesis_session():
-    """The process's one boto3 session for Kinesis readers (the caller holds ``_SESSION_LOCK``).
-
-    One, not one per client: a session loads botocore's endpoint and service models anew (~9 MB), and on Prism a
-    reader, with its client, is rebuilt whenever a bundle resumes on another DoFn instance than the one holding the
-    reader (Beam's reader cache is per instance); a session per client grew the stream's worker by ~1 GB in three
-    minutes at 2,000 ev/s. Its own session, not boto3's default: the timestamp parser is set on it.
-    """
-    global _SESSION
-    if _SESSION is None:
-        import boto3
-        import botocore.session
-
-        core = botocore.session.get_session()
-        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=epoch_timestamp)
-        _SESSION = boto3.session.Session(botocore_session=core)
-    return _SESSION
-
-
-def epoch_timestamp(value) -> dt.datetime:
-    """A response timestamp as an aware UTC datetime: epoch seconds directly, anything else as botocore parses it."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
-    from botocore.utils import parse_timestamp
-
-    return parse_timestamp(value)
+    return aws.client(
+        "kinesis",
+        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+        region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30),
+    )
 
 
 class ReaderConfig(NamedTuple):

@@ -5,9 +5,9 @@ final name: a local file is staged elsewhere and renamed into place (one
 ``os.replace``), an S3 object is one PUT (or one completed multipart upload),
 which S3 makes visible only when complete.
 
-The S3 client is made lazily on the worker (never pickled) with boto3's
-defaults, so the standard ``AWS_*`` variables, ``AWS_ENDPOINT_URL`` included,
-choose the account and endpoint.
+The S3 client is made lazily on the worker (never pickled), from the
+process's shared session (:mod:`transforms.aws`), so the standard ``AWS_*``
+variables, ``AWS_ENDPOINT_URL`` included, choose the account and endpoint.
 """
 from __future__ import annotations
 
@@ -50,12 +50,13 @@ def join(base: str, *parts: str) -> str:
 
 
 def s3_client(service: str = "s3"):
-    """A boto3 client with standard retries; endpoint and credentials from the environment."""
-    import boto3
+    """A boto3 client with standard retries from the process's shared session (:mod:`transforms.aws`); endpoint and
+    credentials from the environment."""
     from botocore.config import Config
 
-    return boto3.session.Session().client(
-        service, config=Config(retries={"mode": "standard", "max_attempts": 8}))
+    from transforms import aws
+
+    return aws.client(service, config=Config(retries={"mode": "standard", "max_attempts": 8}))
 
 
 class ObjectStore:
