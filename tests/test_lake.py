@@ -117,6 +117,13 @@ def test_bad_configuration_is_refused(tmp_path, kwargs):
         WriteToLake(args.pop("output"), args.pop("schema_dir"), **args)
 
 
+def test_bundle_writes_of_a_stream_are_refused(tmp_path):
+    p = TestPipeline()
+    stream = p | TestStream().advance_watermark_to_infinity()
+    with pytest.raises(ValueError, match="bounded input"):
+        _ = stream | WriteToLake(str(tmp_path / "lake"), SCHEMA_DIR, gather_windows=False)
+
+
 def test_temp_directory_inside_the_table_is_refused(tmp_path):
     out = tmp_path / "lake"
     with pytest.raises(ValueError, match="outside the table"):
@@ -125,10 +132,11 @@ def test_temp_directory_inside_the_table_is_refused(tmp_path):
 
 # -- local lake -----------------------------------------------------------------------------------------
 
-def test_every_row_lands_in_its_hive_partition(tmp_path):
+@pytest.mark.parametrize("gather", [False, True], ids=["bundle_writes", "gathered_windows"])
+def test_every_row_lands_in_its_hive_partition(tmp_path, gather):
     out = str(tmp_path / "lake")
     rows = mixed_rows(100)
-    totals, _, _ = run_bounded(rows, out)
+    totals, _, _ = run_bounded(rows, out, gather_windows=gather)
 
     files = parquet_files(out)
     assert files
@@ -184,15 +192,20 @@ def test_written_file_descriptors_account_for_every_row(tmp_path):
     p.run().wait_until_finish()
 
 
-@pytest.mark.parametrize("max_buffered_rows, batch_rows", [(50_000, 0), (1, 0), (7, 0), (50_000, 7), (5, 13)])
-def test_every_file_holds_only_rows_of_its_window_and_day(tmp_path, max_buffered_rows, batch_rows):
+@pytest.mark.parametrize("gather", [False, True], ids=["bundle_writes", "gathered_windows"])
+@pytest.mark.parametrize("max_buffered_rows, batch_rows, max_open_files", [
+    (50_000, 0, 256), (1, 0, 256), (7, 0, 256), (50_000, 7, 256), (5, 13, 256), (50_000, 0, 1), (7, 13, 3)])
+def test_every_file_holds_only_rows_of_its_window_and_day(tmp_path, max_buffered_rows, batch_rows, max_open_files,
+                                                           gather):
     """Rows travel in Arrow chunks per bundle (flushed every max_buffered_rows): each file's window must contain
     the event time of every row in it, and its day partition their received_at day; also when the rows come in
     RowBatches that span windows and days."""
     out = str(tmp_path / "lake")
     rows = mixed_rows(60)
-    totals, _, _ = run_bounded(rows, out, max_buffered_rows=max_buffered_rows, batch_rows=batch_rows)
+    totals, _, _ = run_bounded(rows, out, max_buffered_rows=max_buffered_rows, batch_rows=batch_rows,
+                               max_open_files=max_open_files, gather_windows=gather)
     assert totals["lake.rows_written"] == 60
+    assert not glob.glob(os.path.join(out, "_temporary", "*"))  # staging removed after the commit
     seen = []
     for path in parquet_files(out):
         start, end = os.path.basename(path).split("-")[:2]
@@ -259,10 +272,11 @@ def test_rows_that_do_not_fit_become_write_dead_letters(tmp_path):
     assert sorted(stored.column("event_id").to_pylist()) == [r["event_id"] for r in good]
 
 
-def test_large_groups_split_into_bounded_files_and_row_groups(tmp_path):
+@pytest.mark.parametrize("gather", [False, True], ids=["bundle_writes", "gathered_windows"])
+def test_large_groups_split_into_bounded_files_and_row_groups(tmp_path, gather):
     out = str(tmp_path / "lake")
     rows = [workout_row(i, BASE_MS + i) for i in range(100)]  # one window, one partition
-    totals, _, _ = run_bounded(rows, out, max_rows_per_file=40, row_group_size=15)
+    totals, _, _ = run_bounded(rows, out, max_rows_per_file=40, row_group_size=15, gather_windows=gather)
     files = parquet_files(out)
     sizes = sorted(pq.ParquetFile(f).metadata.num_rows for f in files)
     assert sizes == [20, 40, 40]
@@ -273,6 +287,82 @@ def test_large_groups_split_into_bounded_files_and_row_groups(tmp_path):
     ids = ds.dataset(os.path.join(out, "events"), partitioning="hive").to_table(columns=["event_id"])
     assert sorted(ids.column("event_id").to_pylist()) == sorted(r["event_id"] for r in rows)
     assert totals["lake.files_written"] == 3
+
+
+def _stage_one_bundle(fn, rows: list[dict]) -> list:
+    """Drives a bundle-writing DoFn over ``rows`` as a runner would; returns its staged-file descriptors."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    fn.start_bundle()
+    out = []
+    for row in rows:
+        out.extend(fn.process(row, Timestamp(micros=row["received_at"] * 1000), GlobalWindow(), None) or ())
+    out.extend(fn.finish_bundle() or ())
+    return [value.value for value in out]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_bundle_writes_are_staged_until_committed_and_abandoned_attempts_leave_nothing(tmp_path, request, where):
+    """A bounded input's files are written where its rows are made: a bundle's files must stay out of the table
+    until the runner has committed the bundle (a failed attempt, retried with other splits or other lookup answers,
+    would otherwise leave its rows in the table twice); a retried commit is harmless; the staging is removed."""
+    from transforms.lake import _CommitFileFn, _RemoveStagingFn, _StageBundleFilesFn
+    from transforms.object_store import ObjectStore
+    from transforms.schemas import read_documents
+
+    if where == "s3":
+        stack = request.getfixturevalue("stack")
+        out = f"s3://{stack.config.bucket}/lake"
+        staging_root, local_staging = f"{out}/_temporary/run1", str(tmp_path / "staging")
+        s3 = stack.client("s3")
+
+        def table_files():
+            listed = s3.list_objects_v2(Bucket=stack.config.bucket, Prefix="lake/").get("Contents", [])
+            return sorted(o["Key"] for o in listed if o["Key"].startswith("lake/events/"))
+
+        def staged_files():
+            listed = s3.list_objects_v2(Bucket=stack.config.bucket, Prefix="lake/_temporary/").get("Contents", [])
+            return [o["Key"] for o in listed]
+    else:
+        out = str(tmp_path / "lake")
+        staging_root = local_staging = str(tmp_path / "lake" / "_temporary" / "run1")
+
+        def table_files():
+            return parquet_files(out)
+
+        def staged_files():
+            return glob.glob(os.path.join(staging_root, "*"))
+
+    def stager():
+        fn = _StageBundleFilesFn(read_documents(SCHEMA_DIR), out, staging_root, window_seconds=60,
+                                 row_group_size=50_000, max_rows_per_file=1_000_000, max_buffered_rows=50_000,
+                                 max_open_files=256, compression="zstd", local_staging=local_staging)
+        fn.setup()
+        return fn
+
+    rows = mixed_rows(40)
+    abandoned = _stage_one_bundle(stager(), rows[:25])  # an attempt whose bundle then failed: never committed
+    retried = _stage_one_bundle(stager(), rows)
+    assert abandoned and retried and len(staged_files()) == len(abandoned) + len(retried)
+    assert table_files() == []  # staged only: nothing is visible before the commit
+    assert sum(d["rows"] for d in retried) == 40
+
+    commit = _CommitFileFn(local_staging)
+    commit.setup()
+    published = [d for descriptor in retried for d in commit.process(descriptor)]
+    again = [d for descriptor in retried for d in commit.process(descriptor)]  # a retried commit
+    assert published == again and all("staged" not in d for d in published)
+    assert table_files() == sorted(
+        (d["path"] if where == "local" else d["path"].split("/", 3)[3]) for d in published)
+    store = ObjectStore(local_staging)
+    assert sorted(store.exists(d["path"]) for d in published) == [True] * len(published)
+
+    list(_RemoveStagingFn(staging_root, local_staging).process(len(published)))
+    assert staged_files() == []  # the abandoned attempt's files are gone with the staging folder
+    if where == "local":
+        stored = ds.dataset(os.path.join(out, "events"), partitioning="hive").to_table(columns=["event_id"])
+        assert sorted(stored.column("event_id").to_pylist()) == sorted(r["event_id"] for r in rows)
 
 
 def test_a_rerun_rewrites_the_same_file_names(tmp_path):
@@ -315,10 +405,11 @@ def test_several_panes_of_one_window_overwrite_nothing(tmp_path):
 
 # -- S3 lake on moto -------------------------------------------------------------------------------------
 
-def test_s3_lake_holds_the_same_rows(stack, tmp_path):
+@pytest.mark.parametrize("gather", [False, True], ids=["bundle_writes", "gathered_windows"])
+def test_s3_lake_holds_the_same_rows(stack, tmp_path, gather):
     out = f"s3://{stack.config.bucket}/lake"
     rows = mixed_rows(60)
-    totals, _, _ = run_bounded(rows, out, temp_directory=str(tmp_path / "staging"))
+    totals, _, _ = run_bounded(rows, out, temp_directory=str(tmp_path / "staging"), gather_windows=gather)
     s3 = stack.client("s3")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.config.bucket, Prefix="lake/")["Contents"]]
     assert keys and all(k.startswith("lake/events/event_type=") and k.endswith(".parquet") for k in keys)

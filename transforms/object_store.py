@@ -17,6 +17,8 @@ import tempfile
 import uuid
 from typing import NamedTuple, Optional
 
+from botocore.exceptions import ClientError
+
 
 class Location(NamedTuple):
     """A parsed URI: ``scheme`` is ``"s3"`` (with ``bucket`` and ``key``) or ``"file"`` (``key`` is the path)."""
@@ -100,6 +102,51 @@ class ObjectStore:
             os.replace(hidden, where.key)
             os.remove(local_path)
 
+    def move(self, source: str, uri: str) -> None:
+        """Moves a published-elsewhere object to ``uri`` (same scheme): a rename locally, copy and delete on S3.
+
+        Idempotent: when ``source`` is gone and ``uri`` exists, an earlier attempt already moved it.
+        """
+        where, origin = parse_uri(uri), parse_uri(source)
+        if where.scheme != origin.scheme:
+            raise ValueError(f"cannot move between {origin.scheme} and {where.scheme}")
+        if where.scheme == "file":
+            if not os.path.exists(origin.key) and os.path.exists(where.key):
+                return
+            self.put_file(origin.key, uri)
+            return
+        try:
+            self.client.copy({"Bucket": origin.bucket, "Key": origin.key}, where.bucket, where.key)
+        except ClientError as exc:
+            if _status(exc) != 404 or not self.exists(uri):
+                raise
+            return
+        self.client.delete_object(Bucket=origin.bucket, Key=origin.key)
+
+    def exists(self, uri: str) -> bool:
+        where = parse_uri(uri)
+        if where.scheme == "file":
+            return os.path.exists(where.key)
+        try:
+            self.client.head_object(Bucket=where.bucket, Key=where.key)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return False
+            raise
+        return True
+
+    def delete_tree(self, uri: str) -> None:
+        """Removes a folder (locally) or every object under a prefix (S3); nothing there is no error."""
+        where = parse_uri(uri)
+        if where.scheme == "file":
+            shutil.rmtree(where.key, ignore_errors=True)
+            return
+        prefix = where.key.rstrip("/") + "/"
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=prefix):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=where.bucket, Delete={"Objects": keys, "Quiet": True})
+
     def put_bytes(self, data: bytes, uri: str) -> None:
         where = parse_uri(uri)
         if where.scheme == "s3":
@@ -117,3 +164,7 @@ class ObjectStore:
             return self.client.get_object(Bucket=where.bucket, Key=where.key)["Body"].read()
         with open(where.key, "rb") as handle:
             return handle.read()
+
+
+def _status(exc: "ClientError") -> int:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
