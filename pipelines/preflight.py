@@ -47,8 +47,12 @@ def check_queue(url: str) -> None:
         raise PreflightError(f"The dead-letter queue {url!r} cannot be used ({type(exc).__name__}).") from None
 
 
-def check_writable(uri: str, what: str) -> None:
-    """A probe object is written and removed under ``uri`` (local path or s3://)."""
+def check_writable(uri: str, what: str, *, moves: bool = False) -> None:
+    """A probe object is written and removed under ``uri`` (local path or s3://).
+
+    ``moves``: also copied and listed, as a backfill's commit step moves its staged files (S3: GetObject on the
+    copy's source, ListBucket for the staging folder's removal).
+    """
     parsed = urlparse(uri)
     probe = f".eventlake-preflight-{uuid.uuid4().hex}"
     if parsed.scheme == "s3":
@@ -56,7 +60,14 @@ def check_writable(uri: str, what: str) -> None:
         key = "/".join(p for p in (parsed.path.strip("/"), probe) if p)
         try:
             s3.put_object(Bucket=parsed.netloc, Key=key, Body=b"")
-            s3.delete_object(Bucket=parsed.netloc, Key=key)
+            try:
+                if moves:
+                    s3.copy_object(Bucket=parsed.netloc, Key=key + ".moved", CopySource={"Bucket": parsed.netloc,
+                                                                                       "Key": key})
+                    s3.delete_object(Bucket=parsed.netloc, Key=key + ".moved")
+                    s3.list_objects_v2(Bucket=parsed.netloc, Prefix=key, MaxKeys=1)
+            finally:
+                s3.delete_object(Bucket=parsed.netloc, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise PreflightError(f"The {what} {uri!r} is not writable ({type(exc).__name__}).") from None
         return
@@ -85,7 +96,7 @@ def check_events_pipeline(opts) -> None:
         check_stream(opts.input_stream)
     if opts.users_table:
         check_table(opts.users_table)
-    check_writable(opts.output, "lake output")
+    check_writable(opts.output, "lake output", moves=opts.mode == "backfill")
     if is_queue_uri(opts.dead_letter):
         check_queue(opts.dead_letter)
     else:

@@ -175,12 +175,24 @@ def test_every_row_lands_in_its_hive_partition(tmp_path, gather):
     assert totals["lake.files_written"] == len(files)
 
 
-def test_written_file_descriptors_account_for_every_row(tmp_path):
+class _InItsWindow(beam.DoFn):
+    """Whether a file descriptor travels in the window it names."""
+
+    def process(self, descriptor, window=beam.DoFn.WindowParam):
+        start = dt.datetime.fromtimestamp(window.start.micros / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        end = dt.datetime.fromtimestamp(window.end.micros / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        yield descriptor["window"] == f"{start}/{end}"
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["bundle_writes", "gathered_windows"])
+def test_written_file_descriptors_account_for_every_row(tmp_path, gather):
     out = str(tmp_path / "lake")
     p = TestPipeline()
     files, _ = (p | beam.Create(mixed_rows(50))
                 | beam.Map(lambda r: TimestampedValue(r, r["received_at"] / 1000))
-                | WriteToLake(out, SCHEMA_DIR))
+                | WriteToLake(out, SCHEMA_DIR, gather_windows=gather))
+    in_window = files | "InItsWindow" >> beam.ParDo(_InItsWindow()) | "Global" >> beam.WindowInto(GlobalWindows())
+    assert_that(in_window | "DistinctInWindow" >> beam.Distinct(), equal_to([True]), label="InTheRowsWindows")
     files = files | "Unwindow" >> beam.WindowInto(GlobalWindows())
     total = files | "Rows" >> beam.Map(lambda f: f["rows"]) | beam.CombineGlobally(sum).without_defaults()
     assert_that(total, equal_to([50]), label="AllRows")

@@ -61,6 +61,7 @@ import collections
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import uuid
 from typing import Optional, Tuple
@@ -91,6 +92,7 @@ LAKE_SOURCE = "eventlake:lake"
 COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 _MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 _DAY_MS = 86_400_000
+LOG = logging.getLogger("eventlake.lake")
 
 
 def _utc(epoch_ms: int) -> dt.datetime:
@@ -398,9 +400,10 @@ class _StageBundleFilesFn(_PartitionChunksFn):
     therefore writes its own files per partition and window (``p0``: a bounded
     input has one pane), as Arrow chunks fill row groups, with at most
     ``max_open_files`` groups open at once (the least recently used is closed
-    first; its partition's later rows start another file) and at most
-    ``max_buffered_rows`` rows pending in Arrow (the largest groups are spilled
-    as short row groups).
+    first; its partition's later rows start another file, so input far from
+    time order makes more, smaller files) and at most ``max_buffered_rows``
+    rows pending in Arrow (the largest groups are spilled as short row
+    groups), on top of the ``max_buffered_rows`` rows the chunker holds.
 
     Files are *staged*, never published here: a bundle that fails and is
     retried, possibly split differently or with other lookup answers, must
@@ -433,6 +436,21 @@ class _StageBundleFilesFn(_PartitionChunksFn):
         self.open: collections.OrderedDict = collections.OrderedDict()  # (type, day, window index) -> _Group
         self.pending_rows = 0
 
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
+                pane=beam.DoFn.PaneInfoParam):
+        try:
+            yield from super().process(element, timestamp, window, pane)
+        except BaseException:
+            self._discard_open()
+            raise
+
+    def _discard_open(self) -> None:
+        """A failed bundle: closes and removes every file it was writing (staged ones go with the staging folder)."""
+        for group in self.open.values():
+            group.files.discard()
+        self.open.clear()
+        self.pending_rows = 0
+
     def _chunk_ready(self, key, day: str, timestamp, table: pa.Table):
         """Adds a chunk to its partition and window's files; stages the files it fills."""
         event_type, _, window_index, _ = key
@@ -459,8 +477,7 @@ class _StageBundleFilesFn(_PartitionChunksFn):
                 held.files.spill()
                 if self.pending_rows <= self.max_buffered_rows // 2:
                     break
-        for staged in group.files.take_closed():
-            yield self._stage(staged, group)
+        yield from self._stage_closed(group)
 
     def _close(self, name):
         """Closes a group's open file and stages what it wrote."""
@@ -471,8 +488,17 @@ class _StageBundleFilesFn(_PartitionChunksFn):
         except BaseException:
             group.files.discard()
             raise
-        for staged in group.files.take_closed():
-            yield self._stage(staged, group)
+        yield from self._stage_closed(group)
+
+    def _stage_closed(self, group: "_Group"):
+        closed = group.files.take_closed()
+        try:
+            while closed:
+                yield self._stage(closed[0], group)
+                closed.pop(0)
+        finally:
+            for staged in closed:  # a failed upload: the rest never reach the staging folder
+                staged.discard()
 
     def _stage(self, staged: _StagedFile, group: "_Group") -> WindowedValue:
         """Moves a finished file to the run's staging folder; its descriptor says where it is and where it goes."""
@@ -488,8 +514,7 @@ class _StageBundleFilesFn(_PartitionChunksFn):
             for name in list(self.open):
                 yield from self._close(name)
         except BaseException:
-            for group in self.open.values():
-                group.files.discard()
+            self._discard_open()
             raise
 
 
@@ -526,14 +551,20 @@ class _CommitFileFn(beam.DoFn):
 
 
 class _RemoveStagingFn(beam.DoFn):
-    """Once every file is committed: removes the run's staging folder (what failed bundle attempts left there)."""
+    """Once every file is committed: removes the run's staging folder (what failed bundle attempts left there).
+
+    What cannot be removed is logged, not raised: every file is already published, and nothing in the staging
+    folder is visible to readers of the table.
+    """
 
     def __init__(self, staging_root: str, local_staging: Optional[str]):
         self.staging_root = staging_root
         self.local_staging = local_staging
 
     def process(self, _):
-        ObjectStore(self.local_staging).delete_tree(self.staging_root)
+        left = ObjectStore(self.local_staging).delete_tree(self.staging_root)
+        if left:
+            LOG.warning("%d staged files could not be removed from %s; delete them by hand", left, self.staging_root)
         return ()
 
 
@@ -652,7 +683,10 @@ class WriteToLake(beam.PTransform):
         )).with_outputs(DEAD_LETTERS, main=FILES)
         written = (staged[FILES]
                    | "AfterCommittedBundles" >> beam.Reshuffle()
-                   | "CommitFiles" >> beam.ParDo(_CommitFileFn(local_staging)))
+                   | "CommitFiles" >> beam.ParDo(_CommitFileFn(local_staging))
+                   # in the rows' windows, as the gathered writes' descriptors (a shuffle restores the
+                   # input's windowing, the global window of a backfill)
+                   | "WindowFiles" >> beam.WindowInto(beam_window.FixedWindows(self.window_seconds)))
         _ = (written
              | "Unwindow" >> beam.WindowInto(beam_window.GlobalWindows())
              | "CountCommitted" >> beam.combiners.Count.Globally()

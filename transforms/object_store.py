@@ -135,17 +135,21 @@ class ObjectStore:
             raise
         return True
 
-    def delete_tree(self, uri: str) -> None:
-        """Removes a folder (locally) or every object under a prefix (S3); nothing there is no error."""
+    def delete_tree(self, uri: str) -> int:
+        """Removes a folder (locally) or every object under a prefix (S3); returns how many files could not be
+        removed (nothing there is no error)."""
         where = parse_uri(uri)
         if where.scheme == "file":
             shutil.rmtree(where.key, ignore_errors=True)
-            return
+            return sum(len(files) for _, _, files in os.walk(where.key))
         prefix = where.key.rstrip("/") + "/"
+        left = 0
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=prefix):
-            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]  # at most 1,000: one call
             if keys:
-                self.client.delete_objects(Bucket=where.bucket, Delete={"Objects": keys, "Quiet": True})
+                answer = self.client.delete_objects(Bucket=where.bucket, Delete={"Objects": keys, "Quiet": True})
+                left += len(answer.get("Errors", []))
+        return left
 
     def put_bytes(self, data: bytes, uri: str) -> None:
         where = parse_uri(uri)
