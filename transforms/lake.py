@@ -245,12 +245,11 @@ class _StagedFile:
         self.ids.extend(str(i) for i in table.column("event_id").to_pylist())
         self.rows += table.num_rows
 
-    def close(self) -> str:
-        """Closes the writer; returns (and keeps) the content hash that names the file."""
+    def close(self) -> None:
+        """Closes the writer and keeps the content hash that names the file (``digest``)."""
         self.writer.close()
         self.digest = hashlib.sha256("\n".join(sorted(self.ids)).encode("utf-8")).hexdigest()[:24]
         self.ids = []
-        return self.digest
 
     def discard(self) -> None:
         try:
@@ -296,9 +295,7 @@ class _PartitionFiles:
         """Writes what is pending and closes the open file (the next rows start a new one)."""
         self.spill()
         if self.current is not None:
-            self.current.close()
-            self.closed.append(self.current)
-            self.current = None
+            self._close_current()
 
     def take_closed(self) -> list[_StagedFile]:
         closed, self.closed = self.closed, []
@@ -323,9 +320,12 @@ class _PartitionFiles:
             self.current.write(table.slice(offset, take))
             offset += take
             if self.current.rows >= self.max_rows_per_file:
-                self.current.close()
-                self.closed.append(self.current)
-                self.current = None
+                self._close_current()
+
+    def _close_current(self) -> None:
+        self.current.close()
+        self.closed.append(self.current)
+        self.current = None
 
 
 def _file_context(event_type: str, day: str, start: Optional[dt.datetime], end: Optional[dt.datetime],

@@ -19,6 +19,8 @@ from typing import NamedTuple, Optional
 
 from botocore.exceptions import ClientError
 
+from transforms import aws
+
 
 class Location(NamedTuple):
     """A parsed URI: ``scheme`` is ``"s3"`` (with ``bucket`` and ``key``) or ``"file"`` (``key`` is the path)."""
@@ -55,8 +57,6 @@ def s3_client(service: str = "s3"):
     """A boto3 client with standard retries from the process's shared session (:mod:`transforms.aws`); endpoint and
     credentials from the environment."""
     from botocore.config import Config
-
-    from transforms import aws
 
     return aws.client(service, config=Config(retries={"mode": "standard", "max_attempts": 8}))
 
