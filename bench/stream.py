@@ -260,6 +260,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
     span = (max(watcher.seen_at[i] for i in accepted if i in watcher.seen_at) - min(accepted.values())
             if landed else 0.0)
     memory = peak.growth(measured_from, measured_until)
+    trend = _freshness_trend(accepted, watcher.seen_at, slice_s=15.0)
     curve = [round(mb / 2**20) for t, mb in _every(peak.samples, measured_from, measured_until, 30.0)]
     return {
         "settings": {"rate": rate, "duration_s": duration_s, "window_s": window_s, "batch": batch,
@@ -272,6 +273,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         "freshness_p50_s": round(_percentile(fresh, 0.5), 2),
         "freshness_p95_s": round(p95, 2),
         "freshness_max_s": round(fresh[-1], 2) if fresh else None,
+        "freshness_p95_every_15s": trend,
         "kept_up": landed == len(accepted) and p95 <= window_s + 10,
         "stream_peak_rss_mb": peak.mb,
         "memory": memory, "memory_every_30s_mb": curve,
@@ -280,6 +282,25 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         # flat: what is held after collections grew by a small share of it over the measured load
         "stream_memory_flat": memory["last_third_floor_mb"] <= (1 + FLAT_MEMORY_SHARE) * memory["first_third_floor_mb"],
     }
+
+
+def _freshness_trend(accepted: dict, seen_at: dict, *, slice_s: float) -> list:
+    """Freshness p95 of the events posted in each ``slice_s`` of the load, in order (``None``: none landed).
+
+    Steady values mean a constant delay; a rising series means the pipeline fell behind the offered rate.
+    """
+    if not accepted:
+        return []
+    start = min(accepted.values())
+    slices: dict = {}
+    for event_id, posted in accepted.items():
+        slices.setdefault(int((posted - start) // slice_s), []).append(
+            seen_at[event_id] - posted if event_id in seen_at else None)
+    trend = []
+    for index in range(max(slices) + 1):
+        landed = sorted(f for f in slices.get(index, []) if f is not None)
+        trend.append(round(_percentile(landed, 0.95), 1) if landed else None)
+    return trend
 
 
 def _every(samples: list, since: float, until: float, step_s: float) -> list:

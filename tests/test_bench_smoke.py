@@ -99,6 +99,17 @@ def test_stream_bench_sees_every_event_land(tmp_path):
     for key in ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_peak_rss_mb"):
         assert results[key] > 0, key
     assert results["memory"]["samples"] >= 2 and isinstance(results["stream_memory_flat"], bool)
+    assert results["freshness_p95_every_15s"] and all(f > 0 for f in results["freshness_p95_every_15s"])
+
+
+def test_freshness_trend_shows_a_pipeline_falling_behind():
+    posted = {f"e{n}": n * 1.0 for n in range(60)}  # one event a second for a minute
+    steady = {e: t + 5.0 for e, t in posted.items()}
+    behind = {e: t + 5.0 + t / 2 for e, t in posted.items() if e != "e59"}  # delay grows; the last never lands
+    assert stream._freshness_trend(posted, steady, slice_s=15.0) == [5.0, 5.0, 5.0, 5.0]
+    assert stream._freshness_trend(posted, behind, slice_s=15.0) == [11.5, 19.0, 26.5, 33.5]
+    assert stream._freshness_trend({"lost": 0.0}, {}, slice_s=15.0) == [None]
+    assert stream._freshness_trend({}, {}, slice_s=15.0) == []
 
 
 def test_capacity_bench_drains_a_backlog_put_before_the_pipeline_starts(tmp_path):
