@@ -61,7 +61,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import aws
 from transforms.dead_letter import to_json
-from transforms.object_store import ObjectStore, join, parse_uri, s3_client
+from transforms.object_store import ObjectStore, join, parse_uri
 
 LOG = logging.getLogger("eventlake.transforms.dead_letter_sinks")
 NAMESPACE = "eventlake"

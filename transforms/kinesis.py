@@ -76,7 +76,7 @@ from transforms.kinesis_checkpoint import (
     KinesisCheckpointMark,
     ShardPosition,
 )
-from transforms.kinesis_shards import ShardInfo, adopted_children, lineage_groups, list_shards, owned_parents
+from transforms.kinesis_shards import adopted_children, lineage_groups, list_shards, owned_parents
 from transforms.kinesis_watermarks import SiblingGroup, aligned as aligned_watermark, publish as publish_watermark
 from transforms.records import RecordBatch, SourceRecord
 
