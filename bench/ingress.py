@@ -208,12 +208,13 @@ def _kinesis_keepup(stack: LocalStack, *, rate: float, duration_s: float, batch:
 
 def _keepup(url: str, *, rate: float, duration_s: float, batch: int) -> dict:
     """Open-loop steady ``rate`` (events/s); latency of each request at that load."""
-    from bench.stream import post_steadily
+    from bench.stream import post_steadily, steady_bodies
     from runners.loadgen import EventMix
 
     mix = EventMix(os.path.join(ROOT, "schemas"), users=5000, seed=3, invalid_rate=0.0)
     clients = max(4, min(32, int(rate / batch) * 2))
-    load = post_steadily(url, mix, rate=rate, duration_s=duration_s, batch=batch, clients=clients)
+    bodies = steady_bodies(mix, rate=rate, duration_s=duration_s, batch=batch)
+    load = post_steadily(url, bodies, rate=rate, batch=batch, clients=clients)
     return {"rate_events_per_s": round(rate, 1), "events_accepted": len(load["accepted_at"]),
             "events_per_s": round(len(load["accepted_at"]) / load["posting_s"], 1),
             "latency_p50_ms": load["post_p50_ms"], "latency_p99_ms": load["post_p99_ms"],

@@ -102,6 +102,19 @@ def test_stream_bench_sees_every_event_land(tmp_path):
     assert results["freshness_p95_every_15s"] and all(f > 0 for f in results["freshness_p95_every_15s"])
 
 
+def test_steady_bodies_are_the_schedule_of_batches_with_their_event_ids():
+    import json
+
+    from runners.loadgen import EventMix
+
+    mix = EventMix(os.path.join(stream.ROOT, "schemas"), users=20, seed=5, invalid_rate=0.0)
+    bodies = stream.steady_bodies(mix, rate=100, duration_s=3, batch=50)
+    assert len(bodies) == 6
+    for ids, body in bodies:
+        assert ids == [event["event_id"] for event in json.loads(body)["events"]]
+    assert len({event_id for ids, _ in bodies for event_id in ids}) == 300
+
+
 def test_freshness_trend_shows_a_pipeline_falling_behind():
     posted = {f"e{n}": n * 1.0 for n in range(60)}  # one event a second for a minute
     steady = {e: t + 5.0 for e, t in posted.items()}
