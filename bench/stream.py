@@ -62,7 +62,7 @@ from runners.loadgen import EventMix
 from runners.local import LocalStack, StackConfig, free_port, wait_until
 from runners.processes import Child
 from ingress.publisher import KinesisPublisher
-from transforms.envelope import partition_key, stamp, to_wire, utc_now_ms, validate_event
+from transforms.envelope import format_rfc3339_ms, partition_key, stamp, to_wire, utc_now_ms, validate_event
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Memory is flat when its floor in the last third of the measured load is at most this share above the first third's.
@@ -345,7 +345,7 @@ def fill_backlog(stack: LocalStack, mix: EventMix, *, events: int, spread_s: flo
             event = mix.valid()
             event.pop("timestamp", None)
             received_at_ms = now - int(spread_s * 1000) + int(n * spread_s * 1000) // events
-            record = stamp(validate_event(event), received_at_ms=received_at_ms, caller_ip=None)
+            record = stamp(validate_event(event), received_at=format_rfc3339_ms(received_at_ms), caller_ip=None)
             ids.add(record["event_id"])
             batch.append((to_wire(record), partition_key(record)))
             if len(batch) == 500 or n == events - 1:

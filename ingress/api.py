@@ -17,7 +17,15 @@ from flask import Blueprint, current_app, g, jsonify, request
 from ingress.body import check_content_type, inflate_limited, parse_json, read_limited
 from ingress.errors import ApiError
 from ingress.publisher import PublishFailed
-from transforms.envelope import InvalidEvent, partition_key, stamp, to_wire, utc_now_ms, validate_event
+from transforms.envelope import (
+    InvalidEvent,
+    format_rfc3339_ms,
+    partition_key,
+    stamp,
+    to_wire,
+    utc_now_ms,
+    validate_event,
+)
 
 log = logging.getLogger("ingress.api")
 bp = Blueprint("events", __name__)
@@ -74,7 +82,7 @@ def post_events():
         raw = inflate_limited(raw, limits.max_body_bytes)
     events = _events_of(parse_json(raw), limits.max_batch)
 
-    received_at = utc_now_ms()
+    received_at = format_rfc3339_ms(utc_now_ms())  # one arrival time for the whole request
     ip = caller_ip(request.remote_addr, request.headers.get("X-Forwarded-For"), config.trusted_proxies)
     records: list[tuple[bytes, str]] = []
     rejected: list[dict] = []
@@ -84,7 +92,7 @@ def post_events():
         except InvalidEvent as exc:
             rejected.append({"index": index, "reason": exc.reason, "message": exc.message})
             continue
-        record = stamp(envelope, received_at_ms=received_at, caller_ip=ip)
+        record = stamp(envelope, received_at=received_at, caller_ip=ip)
         data = to_wire(record)
         if len(data) > limits.max_event_bytes:
             rejected.append({"index": index, "reason": "event_too_large",

@@ -29,7 +29,7 @@ def valid_envelopes(count: int, seed: int = 11) -> list[dict]:
     out = []
     for index in range(count):
         event = validate_event(mix.valid(received_at_ms=RECEIVED_MS + index))
-        out.append(stamp(event, received_at_ms=RECEIVED_MS + index, caller_ip=None))
+        out.append(stamp(event, received_at=format_rfc3339_ms(RECEIVED_MS + index), caller_ip=None))
     return out
 
 

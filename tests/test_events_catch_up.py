@@ -21,7 +21,7 @@ import pytest
 
 from pipelines import events
 from runners.loadgen import EventMix
-from transforms.envelope import stamp, to_wire, utc_now_ms, validate_event
+from transforms.envelope import format_rfc3339_ms, stamp, to_wire, utc_now_ms, validate_event
 from transforms.schemas import default_schema_dir
 
 SCHEMAS = default_schema_dir()
@@ -43,7 +43,8 @@ def fill(stack, mix: EventMix) -> tuple[set, int]:
             reason, event = mix.next()
             while reason is not None:
                 reason, event = mix.next()
-            event = stamp(validate_event(event), received_at_ms=start + n * 600_000 // count, caller_ip=None)
+            event = stamp(validate_event(event), received_at=format_rfc3339_ms(start + n * 600_000 // count),
+                           caller_ip=None)
             if n % INVALID_EVERY == 0:  # stamped like the rest (an invalid record keeps the shard's event time)
                 invalid += 1
                 data = to_wire({**event, "event_type": "no_such_event_type"})

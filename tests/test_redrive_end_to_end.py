@@ -13,7 +13,7 @@ from pipelines import events, redrive
 from runners.loadgen import EventMix
 from runners.local import wait_until
 from transforms.dead_letter_sinks import read_queue_records
-from transforms.envelope import stamp, to_wire, utc_now_ms, validate_event
+from transforms.envelope import format_rfc3339_ms, stamp, to_wire, utc_now_ms, validate_event
 from transforms.schemas import default_schema_dir
 
 SCHEMAS = default_schema_dir()
@@ -25,7 +25,8 @@ def known_user_events(mix: EventMix, count: int) -> list[dict]:
     while len(out) < count:
         event = mix.valid(received_at_ms=now)
         if "user_id" in event:
-            out.append(stamp(validate_event(event), received_at_ms=now + len(out), caller_ip=None))
+            out.append(stamp(validate_event(event), received_at=format_rfc3339_ms(now + len(out)),
+                             caller_ip=None))
     return out
 
 

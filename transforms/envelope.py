@@ -198,15 +198,16 @@ def new_event_id() -> str:
     return str(uuid.UUID(bytes=raw, version=4))
 
 
-def stamp(envelope: Envelope, *, received_at_ms: int, caller_ip: Optional[str]) -> dict:
+def stamp(envelope: Envelope, *, received_at: str, caller_ip: Optional[str]) -> dict:
     """The envelope as the ingress puts it on the stream.
 
-    Sets ``received_at`` and a missing ``event_id``; adds the caller's address as
-    ``context.ip`` when the client sent none (the pipeline masks it).
+    Sets ``received_at`` (the request's arrival, :func:`format_rfc3339_ms`, formatted once per request) and a
+    missing ``event_id``; adds the caller's address as ``context.ip`` when the client sent none (the pipeline
+    masks it).
     """
     record = envelope.model_dump(exclude_none=True)
     record["event_id"] = envelope.event_id or new_event_id()
-    record["received_at"] = format_rfc3339_ms(received_at_ms)
+    record["received_at"] = received_at
     if caller_ip:
         context = dict(record.get("context") or {})
         if not context.get("ip"):
