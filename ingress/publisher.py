@@ -172,6 +172,12 @@ class KinesisPublisher:
                 thread.start()
             self._pid = os.getpid()
 
+    def warm(self) -> None:
+        """Start this process's sender threads and Kinesis client now rather than on the first request (the
+        client loads botocore's service model: ~0.1 s of CPU that the first requests of a worker waited for)."""
+        self._start()
+        self.client()
+
     def client(self):
         """The Kinesis client of this process (a forked worker makes its own)."""
         if self._client is None or self._client_pid != os.getpid():
@@ -322,6 +328,9 @@ class DiscardPublisher:
         started = time.monotonic()
         self.discarded += sum(len(data) for data, _ in records)
         self.metrics.publish_seconds.observe(time.monotonic() - started)
+
+    def warm(self) -> None:
+        pass
 
     def ready(self) -> bool:
         return True

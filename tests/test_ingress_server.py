@@ -89,6 +89,7 @@ def test_gunicorn_serves_events_chunked_bodies_and_shuts_down_gracefully(gunicor
     output = gunicorn.stop(signal.SIGTERM)
     assert gunicorn.proc.returncode == 0, output
     assert "publisher flushed" in output
+    assert output.count("worker warmed: publisher started") == 2  # each worker, before its first request
     assert WRITE_KEY not in output and "127.0.0.1 -" not in output
     ids = [e["event_id"] for e in decoded(read_stream(stack.client("kinesis"), stack.config.stream))]
     assert sorted(ids) == sorted([f"ev-{i}" for i in range(50)] + [f"ev-{100 + i}" for i in range(5)])
