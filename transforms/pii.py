@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import decimal
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -139,7 +138,7 @@ def pseudonymize(value: Any, key: PseudonymizationKey) -> Optional[str]:
     """
     if value is None:
         return None
-    digest = hmac.new(key.secret, canonical_text(value).encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    digest = hmac.digest(key.secret, canonical_text(value).encode("utf-8", "surrogatepass"), "sha256")
     return f"{key.id}:{base64.urlsafe_b64encode(digest).rstrip(b'=').decode('ascii')}"
 
 
