@@ -7,11 +7,11 @@ The result is decoded as strict UTF-8 JSON without NaN/Infinity.
 """
 from __future__ import annotations
 
-import json
 import zlib
 from typing import Any, Optional
 
 from ingress.errors import ApiError
+from transforms.envelope import strict_json
 
 _READ_CHUNK = 64 * 1024
 _JSON_TYPES = ("application/json",)
@@ -74,10 +74,6 @@ def inflate_limited(data: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _no_constants(name: str):
-    raise ValueError("NaN and Infinity are not JSON")
-
-
 def parse_json(data: bytes) -> Any:
     """Strict UTF-8 JSON; 400 ``invalid_utf8`` / ``invalid_json`` / ``too_deep``."""
     try:
@@ -87,7 +83,7 @@ def parse_json(data: bytes) -> Any:
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return strict_json(text)
     except RecursionError:
         raise ApiError(400, "too_deep", "the body nests too deeply") from None
     except ValueError:  # JSONDecodeError, NaN/Infinity, integers with too many digits

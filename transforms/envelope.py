@@ -229,6 +229,23 @@ def partition_key(record: dict) -> str:
     return record.get("user_id") or record["anonymous_id"]
 
 
+def _reject_constant(name: str):
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+# One decoder for every call: json.loads(text, parse_constant=...) builds a decoder per call, which cost as much as
+# decoding a typical event (8.7 -> 4.8 us per event on the bench machine).
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def strict_json(text: str) -> Any:
+    """JSON text decoded as the ingress and the pipeline accept it: NaN and Infinity raise ``ValueError``.
+
+    Other errors are the decoder's (``json.JSONDecodeError``, ``RecursionError``); callers map them to reasons.
+    """
+    return _STRICT_DECODER.decode(text)
+
+
 _WIRE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps would build one per call
 
 
