@@ -282,6 +282,8 @@ def test_an_enrichment_outage_dead_letters_users_events_as_retryable(stack, monk
     counts = collections.Counter(counters(result))
     assert counts["core.received"] == 120 and counts["core.dead_lettered"] == with_user
     assert counts["enrich.dead_lettered"] == with_user and counts["core.succeeded"] == 120 - with_user
+    # an event whose user could not be looked up never reaches masking
+    assert counts["mask.received"] == counts["mask.succeeded"] == 120 - with_user and counts["mask.dead_lettered"] == 0
 
 
 def test_a_masking_failure_is_a_dead_letter_without_the_value(stack, monkeypatch):
@@ -308,4 +310,9 @@ def test_a_masking_failure_is_a_dead_letter_without_the_value(stack, monkeypatch
     assert_that(dead | beam.Map(lambda d: (d["failure"]["stage"], d["failure"]["reason"], d["failure"]["message"]))
                 | beam.Distinct(), equal_to([("mask", "masking_failed", "masking failed (ValueError)")]),
                 label="MaskLetters")
-    p.run().wait_until_finish()
+    result = p.run()
+    result.wait_until_finish()
+    counts = collections.Counter(counters(result))
+    assert counts["mask.received"] == 60 and counts["mask.dead_lettered"] == expected
+    assert counts["mask.succeeded"] == counts["core.succeeded"] == 60 - expected
+    assert counts["core.received"] == 60 and counts["core.dead_lettered"] == expected
