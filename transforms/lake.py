@@ -162,47 +162,49 @@ class _PartitionChunksFn(beam.DoFn):
         self.event_types = frozenset(self.registry.event_types())
 
     def start_bundle(self):
-        self.groups: dict = {}  # (event_type, day, fixed window, input window) -> [min timestamp, rows]
+        self.groups: dict = {}  # (event_type, day, fixed window, input window) -> [min micros, rows]
         self.buffered = 0
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
                 pane=beam.DoFn.PaneInfoParam):
-        if isinstance(element, RowBatch):
-            for row, micros in element.timestamped():
-                yield from self._place(row, Timestamp(micros=micros), window, pane)
-        else:
-            yield from self._place(element, timestamp, window, pane)
+        """Adds each row to its chunk (emitting chunks that are full), or dead-letters it.
 
-    def _place(self, row, timestamp, window, pane):
-        """Adds one row to its chunk (emitting chunks that are full), or dead-letters it."""
-        event_type = row.get("event_type") if isinstance(row, dict) else None
-        if event_type not in self.event_types:
-            self.dead_lettered.inc()
-            known = isinstance(event_type, str) and EVENT_TYPE_RE.match(event_type) is not None
-            letter = write_dead_letter(row, "unknown_event_type", "lake row has no lake schema for its event type",
-                                       event_type if known else "")
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
-            return
-        received_at = row.get("received_at")
-        if isinstance(received_at, bool) or not isinstance(received_at, int) or not 0 <= received_at <= _MAX_MS:
-            self.dead_lettered.inc()
-            letter = write_dead_letter(row, "invalid_received_at", "lake row has no valid received_at to partition by",
-                                       event_type)
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, timestamp, (window,), pane))
-            return
-        key = (event_type, received_at // _DAY_MS, timestamp.micros // self.window_micros, window)
-        group = self.groups.get(key)
-        if group is None:
-            group = self.groups[key] = [timestamp, []]
-        elif timestamp < group[0]:
-            group[0] = timestamp
-        group[1].append(row)
-        self.buffered += 1
-        if len(group[1]) >= self.chunk_rows:
-            yield from self._emit(key)
-        elif self.buffered >= self.max_buffered_rows:
-            for held in list(self.groups):
-                yield from self._emit(held)
+        Rows are placed by their integer micros; a ``Timestamp`` is made only for
+        what is emitted (a chunk, a dead letter), not per row.
+        """
+        pairs = element.timestamped() if isinstance(element, RowBatch) else ((element, timestamp.micros),)
+        groups, event_types, window_micros = self.groups, self.event_types, self.window_micros
+        for row, micros in pairs:
+            event_type = row.get("event_type") if isinstance(row, dict) else None
+            if event_type not in event_types:
+                known = isinstance(event_type, str) and EVENT_TYPE_RE.match(event_type) is not None
+                yield self._unplaced(row, "unknown_event_type", "lake row has no lake schema for its event type",
+                                     event_type if known else "", micros, window, pane)
+                continue
+            received_at = row.get("received_at")
+            if isinstance(received_at, bool) or not isinstance(received_at, int) or not 0 <= received_at <= _MAX_MS:
+                yield self._unplaced(row, "invalid_received_at", "lake row has no valid received_at to partition by",
+                                     event_type, micros, window, pane)
+                continue
+            key = (event_type, received_at // _DAY_MS, micros // window_micros, window)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = [micros, []]
+            elif micros < group[0]:
+                group[0] = micros
+            group[1].append(row)
+            self.buffered += 1
+            if len(group[1]) >= self.chunk_rows:
+                yield from self._emit(key)
+            elif self.buffered >= self.max_buffered_rows:
+                for held in list(groups):
+                    yield from self._emit(held)
+
+    def _unplaced(self, row, reason: str, message: str, event_type: str, micros: int, window, pane):
+        """A row that cannot be placed in a partition, as a dead letter in its own time, window and pane."""
+        self.dead_lettered.inc()
+        letter = write_dead_letter(row, reason, message, event_type)
+        return beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(letter, Timestamp(micros=micros), (window,), pane))
 
     def finish_bundle(self):
         for key in list(self.groups):
@@ -211,7 +213,8 @@ class _PartitionChunksFn(beam.DoFn):
     def _emit(self, key):
         event_type, day_number, _, window = key
         day = _utc(day_number * _DAY_MS).strftime("%Y-%m-%d")
-        timestamp, rows = self.groups.pop(key)
+        micros, rows = self.groups.pop(key)
+        timestamp = Timestamp(micros=micros)
         self.buffered -= len(rows)
         table, rejected = rows_to_table(rows, self.registry.lake_schema(event_type))
         for problem in rejected:
