@@ -224,6 +224,36 @@ def test_masking_leaves_its_input_unchanged(schema_dir):
     assert json.dumps(event, sort_keys=True) == before
 
 
+def test_a_cached_user_changed_in_place_is_masked_again(schema_dir):
+    """The masker remembers masked users (the join hands every event of a user one cached dict), by content."""
+    masker = PersonalDataMasker(SchemaRegistry.load(schema_dir), parse_keys(KEYS))
+    user = {"email": EMAIL, "full_name": NAME, "devices": ["dev-1"], "profile": {"city": "Leeds", "home_ip": IP4}}
+    first = masker.mask({**coached_session_event(), "user": user})["user"]
+    assert masker.mask({**coached_session_event(), "event_id": "e-2", "user": user})["user"] == first
+    user["devices"].append("dev-2")  # deep, in place: the same object, other content
+    user["profile"]["city"] = f"near {OTHER_IP}"
+    again = masker.mask({**coached_session_event(), "user": user})["user"]
+    assert again == {"email": expected_pseudonym(EMAIL), "devices": [expected_pseudonym("dev-1"),
+                     expected_pseudonym("dev-2")], "profile": {"city": "near [ip]", "home_ip": "203.0.113.0"}}
+    assert first["devices"] == [expected_pseudonym("dev-1")]  # what was handed out before is not changed
+
+
+def test_remembered_users_answer_as_a_fresh_masker_does(schema_dir, monkeypatch):
+    """Past the memo's bound, evicted users are masked anew; every answer equals a memo-less masker's."""
+    import transforms.mask as mask_module
+
+    monkeypatch.setattr(mask_module, "USER_MEMO_SIZE", 3)
+    registry = SchemaRegistry.load(schema_dir)
+    masker = PersonalDataMasker(registry, parse_keys(KEYS))
+    users = [{"email": f"user{i}@example.com", "devices": [f"dev-{i}"], "height_cm": 150 + i} for i in range(8)]
+    order = [0, 1, 0, 2, 3, 4, 0, 5, 1, 6, 7, 7, 2, 0]
+    for i in order:
+        event = {**coached_session_event(), "user": users[i]}
+        fresh = PersonalDataMasker(registry, parse_keys(KEYS)).mask(event)
+        assert masker.mask(event) == fresh
+    assert len(masker._users) <= 3
+
+
 def test_context_ip_is_truncated_even_when_no_schema_says_so(tmp_path, keys_env):
     documents = read_documents(default_schema_dir())
     documents["_context.json"] = {"$schema": DRAFT, "version": 1, **obj({"ip": {"type": "string"},
