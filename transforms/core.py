@@ -181,7 +181,7 @@ class ProcessRecordsFn(beam.DoFn):
                 letter = unavailable_letter(record, *failure)
             else:
                 try:
-                    # No copy of the cached user (enrich.enriched makes one): masking builds every container anew.
+                    # No copy of the cached user (enrich.enriched makes one): masking builds new containers, never the cache's.
                     row = mask_event(masker, dict(event, user=user, user_found=user is not None))
                 except MaskingFailure as exc:
                     letter = dead_letter("mask", exc.reason, str(exc), retryable=False, record=record)
