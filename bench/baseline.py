@@ -129,7 +129,7 @@ def run_on(pattern, lake: str, *, stack: LocalStack, schema_dir: str = SCHEMA_DI
                                 endpoint_url=stack.endpoint, region_name=stack.config.region)
     lookup.setup()
     try:
-        loop = BaselineLoop(registry, lookup, PersonalDataMasker(registry, load_keys(None)))
+        loop = BaselineLoop(registry, lookup, PersonalDataMasker(registry, load_keys(None), shared_users=True))
         batch: list[SourceRecord] = []
         for record in _records(pattern):
             batch.append(record)

@@ -225,8 +225,9 @@ def test_masking_leaves_its_input_unchanged(schema_dir):
 
 
 def test_a_cached_user_changed_in_place_is_masked_again(schema_dir):
-    """The masker remembers masked users (the join hands every event of a user one cached dict), by content."""
-    masker = PersonalDataMasker(SchemaRegistry.load(schema_dir), parse_keys(KEYS))
+    """A masker given shared users remembers each masked user (the join hands every event of a user one cached
+    dict), checked by content."""
+    masker = PersonalDataMasker(SchemaRegistry.load(schema_dir), parse_keys(KEYS), shared_users=True)
     user = {"email": EMAIL, "full_name": NAME, "devices": ["dev-1"], "profile": {"city": "Leeds", "home_ip": IP4}}
     first = masker.mask({**coached_session_event(), "user": user})["user"]
     assert masker.mask({**coached_session_event(), "event_id": "e-2", "user": user})["user"] == first
@@ -238,20 +239,28 @@ def test_a_cached_user_changed_in_place_is_masked_again(schema_dir):
     assert first["devices"] == [expected_pseudonym("dev-1")]  # what was handed out before is not changed
 
 
-def test_remembered_users_answer_as_a_fresh_masker_does(schema_dir, monkeypatch):
-    """Past the memo's bound, evicted users are masked anew; every answer equals a memo-less masker's."""
+def test_remembered_users_answer_as_a_fresh_masker_does_and_are_let_go(schema_dir, monkeypatch):
+    """Past the memo's bound in number or idle time, users are masked anew (and no longer held); every answer
+    equals a memo-less masker's."""
     import transforms.mask as mask_module
 
     monkeypatch.setattr(mask_module, "USER_MEMO_SIZE", 3)
+    now = [0.0]
     registry = SchemaRegistry.load(schema_dir)
-    masker = PersonalDataMasker(registry, parse_keys(KEYS))
+    masker = PersonalDataMasker(registry, parse_keys(KEYS), shared_users=True, clock=lambda: now[0])
+    plain = PersonalDataMasker(registry, parse_keys(KEYS))
     users = [{"email": f"user{i}@example.com", "devices": [f"dev-{i}"], "height_cm": 150 + i} for i in range(8)]
-    order = [0, 1, 0, 2, 3, 4, 0, 5, 1, 6, 7, 7, 2, 0]
-    for i in order:
+    for i in [0, 1, 0, 2, 3, 4, 0, 5, 1, 6, 7, 7, 2, 0]:
+        now[0] += 1.0
         event = {**coached_session_event(), "user": users[i]}
-        fresh = PersonalDataMasker(registry, parse_keys(KEYS)).mask(event)
-        assert masker.mask(event) == fresh
-    assert len(masker._users) <= 3
+        assert masker.mask(event) == plain.mask(event)
+        assert len(masker._users) <= 3
+    assert plain._users == {}  # a masker not told its users are shared holds none
+    held = {id(entry[0]) for entry in masker._users.values()}
+    assert held == {id(users[7]), id(users[2]), id(users[0])}
+    now[0] += mask_module.USER_MEMO_SECONDS + 1
+    masker.mask({**coached_session_event(), "user": users[5]})
+    assert [entry[0] for entry in masker._users.values()] == [users[5]]  # the idle ones are let go
 
 
 def test_context_ip_is_truncated_even_when_no_schema_says_so(tmp_path, keys_env):

@@ -98,7 +98,7 @@ class ProcessRecordsFn(beam.DoFn):
 
     def setup(self):
         self._registry = SchemaRegistry.from_documents(self._documents)
-        self._masker = load_masker(self._registry, self._keys_secret_id)
+        self._masker = load_masker(self._registry, self._keys_secret_id, shared_users=True)  # the join's cache
         self._join = user_join(self._lookup, **self._join_options)
         self._join.setup()
         self._tally = collections.Counter()
@@ -181,7 +181,7 @@ class ProcessRecordsFn(beam.DoFn):
                 letter = unavailable_letter(record, *failure)
             else:
                 try:
-                    # No copy of the cached user (enrich.enriched makes one): masking builds new containers, never the cache's.
+                    # No copy of the cached user (enrich.enriched makes one): masking builds new containers.
                     row = mask_event(masker, dict(event, user=user, user_found=user is not None))
                 except MaskingFailure as exc:
                     letter = dead_letter("mask", exc.reason, str(exc), retryable=False, record=record)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -41,9 +42,11 @@ EVENTS = "events"
 DEAD_LETTERS = "dead_letters"
 MASKING_FAILED = "masking_failed"
 _STRONGER_THAN_TRUNCATION = ("redact", "pseudonymize", "drop")
-# Users whose masked value a masker keeps (least recently used first out): the join hands every event of a
-# user the same cached dict, and masking it was half of all the masking (docs/benchmarks.md, stop 22).
+# How many users, and for how long since last used, a masker given shared users remembers masked: the join
+# hands every event of a user the same cached dict, and masking it was half of all the masking
+# (docs/benchmarks.md, stop 22).
 USER_MEMO_SIZE = 4096
+USER_MEMO_SECONDS = 60.0
 
 _log = logging.getLogger(__name__)
 
@@ -68,21 +71,27 @@ def schemas_pseudonymize(registry: SchemaRegistry) -> bool:
 class PersonalDataMasker:
     """Masks one event by the registry's schemas; plain Python, no I/O."""
 
-    def __init__(self, registry: SchemaRegistry, keys: Optional[KeyRing]):
+    def __init__(self, registry: SchemaRegistry, keys: Optional[KeyRing], *, shared_users: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
+        """``shared_users``: the caller hands the same user dict to many events and never changes it (the
+        enrichment join's cache does), so each user's masked value is kept and reused; see :meth:`_masked_user`.
+        """
         if schemas_pseudonymize(registry):
             keys = require_keys(keys, why="a schema declares x-pii 'pseudonymize'")
         self._registry = registry
         self._key = keys.current if keys is not None else None
         self._context = context_schema_with_ip_truncated(registry.context_schema)
-        self._users: dict = {}  # id(user) -> (user, its snapshot, masked user), least recently used first
+        self._shared_users = shared_users
+        self._clock = clock
+        self._users: dict = {}  # id(user) -> (user, its snapshot, masked user, last used), least recently used first
 
     def mask(self, event: dict) -> dict:
         """A new event with ``properties``, ``context`` and ``user`` masked; the input is not changed.
 
-        Every dict and list under ``properties`` and ``context`` is built anew (only immutable values are
-        shared), so a caller may mask a cached value without copying it first. The masked ``user`` is built
-        once per user and shared by the events that carry that same user (see :meth:`_masked_user`): treat
-        it as read-only.
+        Every dict and list under those three fields is built anew (only immutable values are shared), so a
+        caller may mask a cached value without copying it first. With ``shared_users``, the masked ``user`` is
+        built once and shared by the events that carry that same user object (:meth:`_masked_user`): treat it
+        as read-only.
         """
         properties_schema = self._registry.properties_schema(event["event_type"])
         return {
@@ -93,22 +102,33 @@ class PersonalDataMasker:
         }
 
     def _masked_user(self, user: Any) -> Any:
-        """The user masked, once per user object while it stays unchanged.
+        """The user masked; with ``shared_users``, once per user object while it stays unchanged.
 
         Why: the enrichment join gives every event of a user the same cached dict, and its masked value depends
         on nothing else (this masker's schemas and key are fixed). The memo is keyed by the object and checked
-        against a snapshot of its content, so a user changed in place (or a new dict at a reused address) is
-        masked again, never answered from the memo.
+        against a snapshot of its content, so a user changed in place is masked again (a change ``==`` cannot
+        see, such as ``true`` to ``1``, would not be: callers promise not to change users). It holds at most
+        :data:`USER_MEMO_SIZE` users, none unused for more than :data:`USER_MEMO_SECONDS`, so users the join
+        has let go do not stay in memory here.
         """
-        if not isinstance(user, dict):
+        if not self._shared_users or not isinstance(user, dict):
             return self._masked(self._registry.user_schema, user)
-        memo = self._users.pop(id(user), None)
+        users, now = self._users, self._clock()
+        memo = users.pop(id(user), None)
         if memo is None or memo[0] is not user or memo[1] != user:
-            memo = (user, _snapshot(user), self._masked(self._registry.user_schema, user))
-            if len(self._users) >= USER_MEMO_SIZE:
-                del self._users[next(iter(self._users))]
-        self._users[id(user)] = memo
-        return memo[2]
+            masked = self._masked(self._registry.user_schema, user)
+            snapshot = _snapshot(user)
+            if len(users) >= USER_MEMO_SIZE:
+                del users[next(iter(users))]
+        else:
+            masked, snapshot = memo[2], memo[1]
+        while users:
+            oldest = next(iter(users.values()))
+            if now - oldest[3] <= USER_MEMO_SECONDS:
+                break
+            del users[id(oldest[0])]
+        users[id(user)] = (user, snapshot, masked, now)
+        return masked
 
     def _act(self, action: str, value: Any) -> Optional[str]:
         if action == "pseudonymize":
@@ -178,10 +198,11 @@ def mask_event(masker: PersonalDataMasker, event: dict) -> dict:
         raise MaskingFailure(MASKING_FAILED, f"masking failed ({type(exc).__name__})") from None
 
 
-def load_masker(registry: SchemaRegistry, keys_secret_id: Optional[str]) -> PersonalDataMasker:
+def load_masker(registry: SchemaRegistry, keys_secret_id: Optional[str], *,
+                shared_users: bool = False) -> PersonalDataMasker:
     """A masker with the keys of ``keys_secret_id`` (or the environment's); for ``DoFn.setup()``."""
     keys = load_keys(keys_secret_id)
-    masker = PersonalDataMasker(registry, keys)
+    masker = PersonalDataMasker(registry, keys, shared_users=shared_users)
     if keys is not None:
         _log.info("masking with pseudonymization key %s (%d version(s) loaded)", keys.current.id, len(keys))
     return masker
