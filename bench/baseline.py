@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import gzip
 import glob
 import json
@@ -28,6 +29,7 @@ from runners.local import LocalStack
 from transforms.dead_letter import dead_letter, to_json
 from transforms.dynamodb_users import DynamoDBUserLookup
 from transforms.envelope import InvalidEvent, received_at_of, utc_now_ms
+from transforms.garbage_collection import tune_for_batches
 from transforms.mask import PersonalDataMasker
 from transforms.parquet_rows import rows_to_table
 from transforms.parse import ParseFailure, to_event
@@ -123,6 +125,15 @@ def run_on(pattern, lake: str, *, stack: LocalStack, schema_dir: str = SCHEMA_DI
     """Runs the loop over the files matching ``pattern`` (a glob, or a list of paths); figures and conservation."""
     os.environ.update(stack.env())
     os.environ.setdefault("EVENTLAKE_PSEUDONYMIZATION_KEYS", "bench1=bench-secret-not-for-production")
+    previous = gc.get_threshold()
+    tune_for_batches()  # as the pipeline's workers do: the same work, the same collector
+    try:
+        return _run_on(pattern, lake, stack=stack, schema_dir=schema_dir)
+    finally:
+        gc.set_threshold(*previous)
+
+
+def _run_on(pattern, lake: str, *, stack: LocalStack, schema_dir: str) -> dict:
     started = time.monotonic()
     registry = SchemaRegistry.load(schema_dir)
     lookup = DynamoDBUserLookup(stack.config.users_table, user_schema=registry.user_schema,
