@@ -115,12 +115,18 @@ def shared_cache(identity: str, *, ttl_seconds: float, miss_ttl_seconds: float, 
         return cache
 
 
-def _copy(value: Any) -> Any:
-    """A copy of a JSON-like value, so that later stages cannot mutate the cache."""
+def copied(value: Any) -> Any:
+    """A copy of a JSON-like value that no change to the original reaches (containers copied, leaves shared):
+    what ``enriched`` hands later stages, so they cannot mutate the cache, and what a masker compares a cached
+    user with."""
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: copied(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [copied(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(copied(v) for v in value)
+    if isinstance(value, (set, bytearray)):
+        return type(value)(value)
     return value
 
 
@@ -130,7 +136,7 @@ COUNTERS = ("received", "succeeded", "dead_lettered", "cache_hits", "cache_misse
 
 def enriched(event: dict, user: Optional[dict]) -> dict:
     """The event with ``user`` (a copy, so that later stages cannot mutate the cache) and ``user_found``."""
-    return dict(event, user=_copy(user), user_found=user is not None)
+    return dict(event, user=copied(user), user_found=user is not None)
 
 
 def unavailable_letter(record, attempts: int, code: str) -> dict:

@@ -32,6 +32,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.dead_letter import dead_letter
+from transforms.enrich import copied
 from transforms.pii import pseudonymize, redact, scrub_free_text, truncate_ip
 from transforms.pseudonymization_keys import KeyRing, load_keys, require_keys
 from transforms.schemas import SchemaRegistry, UnknownEventType, pii_paths, read_documents
@@ -115,9 +116,9 @@ class PersonalDataMasker:
             return self._masked(self._registry.user_schema, user)
         users, now = self._users, self._clock()
         memo = users.pop(id(user), None)
-        if memo is None or memo[0] is not user or memo[1] != user:
+        if memo is None or memo[1] != user:  # an entry holds its user, so no other object can have its id
             masked = self._masked(self._registry.user_schema, user)
-            snapshot = _snapshot(user)
+            snapshot = copied(user)
             if len(users) >= USER_MEMO_SIZE:
                 del users[next(iter(users))]
         else:
@@ -165,19 +166,6 @@ class PersonalDataMasker:
         if isinstance(value, (list, tuple)):
             return [self._masked(None, item) for item in value]
         return value
-
-
-def _snapshot(value: Any) -> Any:
-    """A copy of a JSON-like value that no change to the original reaches (containers copied, leaves shared)."""
-    if isinstance(value, dict):
-        return {key: _snapshot(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_snapshot(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_snapshot(item) for item in value)
-    if isinstance(value, (set, bytearray)):
-        return type(value)(value)
-    return value
 
 
 class MaskingFailure(ValueError):
