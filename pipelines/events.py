@@ -38,6 +38,7 @@ from pipelines.preflight import PreflightError, check_events_pipeline
 from transforms.backfill import ReadBackfillFiles
 from transforms.core import ProcessEvents
 from transforms.dead_letter_sinks import WriteDeadLetters, default_overflow
+from transforms.garbage_collection import freeze_before_exit
 from transforms.kinesis import ReadFromKinesis
 from transforms.lake import WriteToLake
 
@@ -154,6 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    freeze_before_exit()
     return 0 if summary["conserved"] else 1
 
 
