@@ -10,15 +10,15 @@ moment it is dropped; the collector is only for reference cycles, which stay bou
 The SDK worker has no option for this, so the core's ``DoFn.setup()`` tunes its process (once, and only when
 the thresholds are still CPython's defaults: a process tuned by its owner is left alone).
 
-Tuning also freezes (``gc.freeze()``) what the process holds at that moment: Beam, pyarrow, boto3 and the
-pipeline's own modules and objects, ~160,000 objects that live until the process ends. No collection walks them
-again, and neither does the interpreter's exit, which walked them in several collections: 0.7-0.9 s per SDK
-worker process at the end of every batch run, one worker after the other (docs/benchmarks.md, stop 23). The
-cost is bounded: a frozen object that later becomes part of a garbage cycle is not reclaimed, and only objects
-that existed at that one moment can be.
+Tuning also has the process freeze its heap (``gc.freeze()``) when it exits, before the interpreter's own
+collections: those walked what Beam, pyarrow and boto3 bring (~160,000 objects) several times, 0.7-0.9 s per SDK
+worker process at the end of every batch run, one worker after the other (docs/benchmarks.md, stop 23). It is
+done at exit, not at set-up: freezing at set-up would also keep any garbage cycle alive then, and measured no
+faster during a run (stop 20).
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import threading
 
@@ -29,17 +29,18 @@ _lock = threading.Lock()
 
 
 def tune_for_batches() -> bool:
-    """Sets :data:`BATCH_THRESHOLDS` and freezes what the process holds, when it still has CPython's defaults;
-    whether it did."""
+    """Sets :data:`BATCH_THRESHOLDS` when the process still has CPython's defaults, and then has it freeze its heap
+    at exit; whether it did."""
     with _lock:
         if gc.get_threshold() != CPYTHON_DEFAULT:
             return False
         gc.set_threshold(*BATCH_THRESHOLDS)
-        gc.freeze()
+        atexit.register(freeze_before_exit)
         return True
 
 
 def freeze_before_exit() -> None:
-    """For a command whose work is done: its exit then frees what it holds without walking it for cycles first
-    (0.6-0.8 s for a driver that imported Beam, pyarrow and boto3; module docstring)."""
+    """For a process whose work is done: its exit then frees what it holds without walking it for cycles first
+    (0.6-0.9 s for one that imported Beam, pyarrow and boto3; module docstring). Exit handlers run before the
+    interpreter's last collections."""
     gc.freeze()
