@@ -67,3 +67,17 @@ def test_a_tuned_process_freezes_its_heap_when_it_exits():
                          check=True).stdout.split("\n")
     assert out[0] == "frozen while working 0"
     assert out[1].startswith("frozen at exit ") and int(out[1].split()[-1]) > 1_000
+
+
+def test_tuning_again_after_a_reset_still_freezes_once_at_exit():
+    probe = ("import atexit, gc\n"
+             "calls = []\n"
+             "gc.freeze = lambda: calls.append(1)\n"
+             "atexit.register(lambda: print('freezes at exit', len(calls)))\n"
+             "from transforms.garbage_collection import tune_for_batches\n"
+             "for _ in range(3):\n"
+             "    gc.set_threshold(700, 10, 10)\n"
+             "    assert tune_for_batches()\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert out.strip() == "freezes at exit 1"

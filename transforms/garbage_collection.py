@@ -35,6 +35,7 @@ def tune_for_batches() -> bool:
         if gc.get_threshold() != CPYTHON_DEFAULT:
             return False
         gc.set_threshold(*BATCH_THRESHOLDS)
+        atexit.unregister(freeze_before_exit)  # once per process, however often an owner resets and tunes again
         atexit.register(freeze_before_exit)
         return True
 
