@@ -15,6 +15,12 @@ read by :func:`epoch_timestamp`: botocore's own parser builds a ``dateutil``
 local time zone per value, which measured a tenth of the streaming pipeline's
 CPU.
 
+Why one Kinesis client too (:func:`shared_client`): a client costs ~35 ms of CPU and ~1,000 objects in
+reference cycles (its operation models and methods), and the stream built one per Kinesis reader, i.e. whenever
+a read resumed on another DoFn instance: 15-25 % of the resumes on Prism, ~0.5 a second at 2,000 ev/s. Those
+clients lived on in the readers parked in the other instances' caches (up to 60 s) and then as garbage that only
+the rare full collections (``transforms.garbage_collection``) free (docs/benchmarks.md, stop 24).
+
 Endpoint, region and credentials come from the standard ``AWS_*`` settings
 (``AWS_ENDPOINT_URL`` included) unless the caller passes them. Static
 credentials are read once per process; refreshable ones (roles) refresh.
@@ -27,12 +33,30 @@ import threading
 
 _SESSION = None
 _LOCK = threading.Lock()
+_SHARED: dict = {}
 
 
 def client(service: str, **kwargs):
     """A boto3 client for ``service`` from the process's shared session (``kwargs`` as ``Session.client``)."""
     with _LOCK:
         return _session().client(service, **kwargs)
+
+
+def shared_client(service: str, *, endpoint_url=None, region_name=None, **config):
+    """The process's one client for ``service`` at ``endpoint_url`` in ``region_name`` with these
+    ``botocore.config.Config`` settings (``config``), built on first use.
+
+    For owners that come and go often (Kinesis readers): they use it and never close it.
+    """
+    key = (service, endpoint_url, region_name, repr(sorted(config.items())))
+    with _LOCK:
+        found = _SHARED.get(key)
+        if found is None:
+            from botocore.config import Config
+
+            found = _SHARED[key] = _session().client(service, endpoint_url=endpoint_url, region_name=region_name,
+                                                     config=Config(**config) if config else None)
+        return found
 
 
 def _session():
@@ -49,9 +73,10 @@ def _session():
 
 
 def _forget_session_after_fork() -> None:
-    """A forked child starts without the parent's session and lock (another thread may have held the lock)."""
-    global _SESSION, _LOCK
-    _SESSION, _LOCK = None, threading.Lock()
+    """A forked child starts without the parent's session, clients and lock (another thread may have held the lock;
+    a client's connections are the parent's)."""
+    global _SESSION, _LOCK, _SHARED
+    _SESSION, _LOCK, _SHARED = None, threading.Lock(), {}
 
 
 os.register_at_fork(after_in_child=_forget_session_after_fork)

@@ -113,20 +113,19 @@ class StartPosition(NamedTuple):
 
 
 def default_kinesis_client(endpoint_url: Optional[str] = None, region: Optional[str] = None):
-    """A boto3 Kinesis client from the process's shared session (:mod:`transforms.aws`).
+    """The process's shared boto3 Kinesis client for this endpoint and region (:func:`transforms.aws.shared_client`).
 
-    ``AWS_ENDPOINT_URL`` is honoured when no endpoint is given. botocore's own
-    retries are off: the reader retries itself, without blocking the bundle,
-    and counts what it retried. Response timestamps (every record's
-    ``ApproximateArrivalTimestamp``) are read by :func:`transforms.aws.epoch_timestamp`.
+    Shared because readers are rebuilt often (whenever a read resumes on another DoFn instance) and a client is
+    expensive to build; readers never close it. ``AWS_ENDPOINT_URL`` is honoured when no endpoint is given.
+    botocore's own retries are off: the reader retries itself, without blocking the bundle, and counts what it
+    retried. Response timestamps (every record's ``ApproximateArrivalTimestamp``) are read by
+    :func:`transforms.aws.epoch_timestamp`.
     """
-    from botocore.config import Config
-
-    return aws.client(
+    return aws.shared_client(
         "kinesis",
         endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        config=Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30),
+        retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30,
     )
 
 
@@ -374,11 +373,8 @@ class KinesisReader(UnboundedReader):
         return mark
 
     def close(self) -> None:
-        if self._client is not None and hasattr(self._client, "close"):
-            try:
-                self._client.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
+        """Lets go of the client without closing it: it is not the reader's (the process's shared one, or the
+        factory owner's) and other readers go on using it."""
         self._client = None
 
     # -- positions ---------------------------------------------------------
