@@ -226,7 +226,9 @@ class KinesisSource(UnboundedSource):
         return KinesisReader(self, checkpoint_mark)
 
     def get_checkpoint_mark_coder(self):
-        return KinesisCheckpointCoder()
+        # One for the process: Beam asks for it several times a bundle (restriction coding, reader-cache keys), and
+        # a coder that has coded holds a reference cycle (its impl calls back its bound methods).
+        return _CHECKPOINT_CODER
 
     def __eq__(self, other):
         return isinstance(other, KinesisSource) and self.__dict__ == other.__dict__
@@ -237,6 +239,9 @@ class KinesisSource(UnboundedSource):
 
 def _member_name(shard_ids) -> str:
     return ",".join(shard_ids)
+
+
+_CHECKPOINT_CODER = KinesisCheckpointCoder()
 
 
 class _Shard:
