@@ -438,3 +438,14 @@ def test_s3_lake_holds_the_same_rows(stack, tmp_path, gather):
     assert sorted(ids) == sorted(r["event_id"] for r in rows)
     assert totals["lake.rows_written"] == 60
     assert not os.listdir(tmp_path / "staging")
+
+
+def test_a_dead_letter_keeps_a_row_whose_keys_json_cannot_have():
+    """A row that is rejected for its keys (bytes, tuples) must still become a dead letter, not fail the bundle."""
+    import json
+
+    from transforms.lake import write_dead_letter
+
+    letter = write_dead_letter({b"k": 1, "n": [{(1, 2): 3}]}, "row_schema_mismatch", "keys", "app_opened")
+    assert json.loads(letter["payload"]) == {"b'k'": 1, "n": [{"(1, 2)": 3}]}
+    assert letter["failure"]["reason"] == "row_schema_mismatch"

@@ -70,3 +70,20 @@ def test_every_row_is_either_converted_or_rejected(values):
         fits = value is None or (isinstance(value, int) and not isinstance(value, bool))
         assert (f"e{i}" in kept) == fits or isinstance(value, float)  # arrow may accept integral floats
         assert (check_row(rows[i], SCHEMA) is None) == (f"e{i}" in kept)
+
+
+def test_a_row_with_keys_other_than_text_is_rejected_and_the_rows_after_it_keep_their_values():
+    """Arrow takes str or bytes keys for a whole batch from its first row: a bytes-keyed row first would have
+    turned every later row's values into nulls."""
+    odd = {b"event_id": "e0", "received_at": 1_800_000_000_000}
+    table, rejected = rows_to_table([odd, row(1), row(2)], SCHEMA)
+    assert table.column("event_id").to_pylist() == ["e1", "e2"]
+    assert table.column("properties").to_pylist()[0]["n"] == 1
+    assert [(r.row, r.column, r.problem) for r in rejected] == [(odd, "", "not_a_row")]
+
+
+def test_rejections_of_different_depths_name_the_outer_struct():
+    """The set comparison finds a struct's own undeclared key before walking into its fields."""
+    both = row(0, properties={"n": 1, "items": [{"name": "a", "secret": "x"}], "other": 2})
+    _, rejected = rows_to_table([both], SCHEMA)
+    assert [(r.column, r.problem) for r in rejected] == [("properties", "undeclared_field")]

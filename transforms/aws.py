@@ -28,6 +28,7 @@ credentials are read once per process; refreshable ones (roles) refresh.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import threading
 
@@ -44,11 +45,14 @@ def client(service: str, **kwargs):
 
 def shared_client(service: str, *, endpoint_url=None, region_name=None, **config):
     """The process's one client for ``service`` at ``endpoint_url`` in ``region_name`` with these
-    ``botocore.config.Config`` settings (``config``), built on first use.
+    ``botocore.config.Config`` settings (``config``: plain values and dicts of them), built on first use.
 
     For owners that come and go often (Kinesis readers): they use it and never close it.
     """
-    key = (service, endpoint_url, region_name, repr(sorted(config.items())))
+    key = (service, endpoint_url, region_name, json.dumps(config, sort_keys=True))  # TypeError for other values
+    found = _SHARED.get(key)  # built already: no lock to wait for while another client is being built
+    if found is not None:
+        return found
     with _LOCK:
         found = _SHARED.get(key)
         if found is None:

@@ -629,7 +629,7 @@ class ReadFromKinesis(beam.PTransform):
     advance the watermark, so a quiet stream's last window is written.
     ``client_factory``
     (``(endpoint_url, region) -> client``, picklable) replaces the boto3 client,
-    e.g. to inject faults in tests.
+    e.g. to inject faults in tests; readers never close the client it returns.
 
     ``records_per_element``: 1 (the default) emits one ``SourceRecord`` per
     element; more emits ``RecordBatch``es of up to that many consecutive

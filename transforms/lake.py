@@ -111,9 +111,22 @@ def partition_path(output: str, event_type: str, day: str) -> str:
 
 def write_dead_letter(row, reason: str, message: str, event_type: str = "") -> dict:
     """A stage-``write`` dead letter carrying the row as JSON (see the module docstring)."""
-    data = json.dumps(row, default=str, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    source = SourceRecord(data, LAKE_SOURCE, event_type, "")
+    try:
+        text = json.dumps(row, default=str, ensure_ascii=False, separators=(",", ":"))
+    except TypeError:  # keys JSON cannot have (bytes, tuples): kept as their text, like other odd values
+        text = json.dumps(_text_keys(row), default=str, ensure_ascii=False, separators=(",", ":"))
+    source = SourceRecord(text.encode("utf-8"), LAKE_SOURCE, event_type, "")
     return dead_letter(STAGE, reason, message, retryable=False, record=source)
+
+
+def _text_keys(value):
+    """``value`` with every dict key that JSON cannot have turned into its text (``str``), however deep."""
+    if isinstance(value, dict):
+        return {key if isinstance(key, (str, int, float, bool)) or key is None else str(key): _text_keys(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_text_keys(item) for item in value]
+    return value
 
 
 # Chunks cross the shuffle (and the runner's memory) zstd-compressed: 158 bytes a row instead of 502 on

@@ -102,9 +102,12 @@ def rows_to_table(rows: Sequence[dict], schema: pa.Schema) -> tuple[pa.Table, li
     rejected = []
     good = []
     shapes = [(field.name, shape_of(field.type)) for field in schema]
+    # Arrow takes str or bytes keys for a whole batch from its first row: a row with other keys than str is no row
+    # (its fields would not be found, or the rows after it would lose theirs). Looked for across the batch at once.
+    odd_keys = any(type(key) is not str for key in set().union(*(row for row in rows if isinstance(row, dict))))
     for row in rows:
-        if not isinstance(row, dict):
-            rejected.append(Rejected({"value": row}, "", "not_a_row"))
+        if not isinstance(row, dict) or (odd_keys and any(type(key) is not str for key in row)):
+            rejected.append(Rejected({"value": row} if not isinstance(row, dict) else row, "", "not_a_row"))
             continue
         path = _first_undeclared(row, shapes)
         if path is not None:
