@@ -43,6 +43,7 @@ from transforms.dead_letter import dead_letter
 from transforms.dynamodb_users import DynamoDBUserLookup
 from transforms.enrich import enrich_counters, join_options, report, unavailable_letter, user_join
 from transforms.envelope import DEFAULT_LIMITS, InvalidEvent, Limits, utc_now_ms
+from transforms.allocator import map_large_buffers
 from transforms.garbage_collection import tune_for_batches
 from transforms.mask import MaskingFailure, load_masker, mask_event
 from transforms.parse import ParseFailure, to_event
@@ -99,6 +100,7 @@ class ProcessRecordsFn(beam.DoFn):
 
     def setup(self):
         tune_for_batches()
+        map_large_buffers()
         self._registry = SchemaRegistry.from_documents(self._documents)
         self._masker = load_masker(self._registry, self._keys_secret_id, shared_users=True)  # the join's cache
         self._join = user_join(self._lookup, **self._join_options)
