@@ -106,8 +106,11 @@ def rows_to_table(rows: Sequence[dict], schema: pa.Schema) -> tuple[pa.Table, li
     # (its fields would not be found, or the rows after it would lose theirs). Looked for across the batch at once.
     odd_keys = any(type(key) is not str for key in set().union(*(row for row in rows if isinstance(row, dict))))
     for row in rows:
-        if not isinstance(row, dict) or (odd_keys and any(type(key) is not str for key in row)):
-            rejected.append(Rejected({"value": row} if not isinstance(row, dict) else row, "", "not_a_row"))
+        if not isinstance(row, dict):
+            rejected.append(Rejected({"value": row}, "", "not_a_row"))
+            continue
+        if odd_keys and any(type(key) is not str for key in row):
+            rejected.append(Rejected(row, "", "not_a_row"))
             continue
         path = _first_undeclared(row, shapes)
         if path is not None:
