@@ -86,5 +86,5 @@ class ReadBackfillFiles(beam.PTransform):
             | "MatchInput" >> fileio.MatchFiles(self._pattern)
             | "SpreadFiles" >> beam.Reshuffle()
             | "OpenInput" >> fileio.ReadMatches()
-            | "ReadLines" >> beam.ParDo(_ReadLines(self._batch_lines))
+            | "ReadLines" >> beam.ParDo(_ReadLines(self._batch_lines)).with_output_types(RecordBatch)
         )

@@ -283,8 +283,11 @@ class ProcessEvents(beam.PTransform):
         registry = SchemaRegistry.from_documents(documents)  # a bad directory fails here, naming the file
         lookup = DynamoDBUserLookup(self._users_table, user_schema=registry.user_schema,
                                     endpoint_url=self._endpoint_url, region_name=self._region_name)
-        results = records | "ProcessRecords" >> beam.ParDo(ProcessRecordsFn(
+        process = beam.ParDo(ProcessRecordsFn(
             documents, lookup, self._join_options, keys_secret_id=self._pseudonymization_secret,
             limits=self._limits, pipeline_version=self._pipeline_version,
-        )).with_outputs(DEAD_LETTERS, main=ROWS)
+        ))
+        if records.element_type is RecordBatch:  # batches in, batches out: the batch coder (transforms.records)
+            process = process.with_output_types(RowBatch)
+        results = records | "ProcessRecords" >> process.with_outputs(DEAD_LETTERS, main=ROWS)
         return results[ROWS], results[DEAD_LETTERS]

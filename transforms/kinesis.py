@@ -78,7 +78,7 @@ from transforms.kinesis_checkpoint import (
 )
 from transforms.kinesis_shards import adopted_children, lineage_groups, list_shards, owned_parents
 from transforms.kinesis_watermarks import SiblingGroup, aligned as aligned_watermark, publish as publish_watermark
-from transforms.records import RecordBatch, SourceRecord
+from transforms.records import BatchCoder, RecordBatch, SourceRecord
 
 LOG = logging.getLogger("eventlake.transforms.kinesis")
 
@@ -224,6 +224,10 @@ class KinesisSource(UnboundedSource):
 
     def create_reader(self, options, checkpoint_mark):
         return KinesisReader(self, checkpoint_mark)
+
+    def default_output_coder(self):
+        """Batches get their own coder (cheap size estimates, ``transforms.records``); single records Beam's default."""
+        return BatchCoder() if self.config.records_per_element > 1 else super().default_output_coder()
 
     def get_checkpoint_mark_coder(self):
         # One for the process: Beam asks for it several times a bundle (restriction coding, reader-cache keys), and
