@@ -49,6 +49,8 @@ TABLE = [
     ("baseline_two_processes_events_per_s", "ev/s", None),
     ("backfill_to_two_processes_ratio", "", None),
     ("stream_events_per_s", "ev/s", ">= 5000"),
+    ("end_to_end_events_per_s", "ev/s", None),
+    ("delay_growth_s", "s", None),
     ("stream_kept_up", "", "true"),
     ("freshness_p50_s", "s", None),
     ("freshness_p95_s", "s", "<= window + 10"),
@@ -101,7 +103,8 @@ def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: i
 
         detail = stream.run(rate=stream_rate, duration_s=stream_duration_s, window_s=stream_window_s)
         results["details"]["stream"] = detail
-        for key in ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_peak_rss_mb",
+        for key in ("stream_events_per_s", "end_to_end_events_per_s", "delay_growth_s", "freshness_p50_s",
+                    "freshness_p95_s", "stream_peak_rss_mb",
                     "stream_memory_growth_mb_per_min", "stream_memory_floor_growth_mb", "stream_memory_flat"):
             results[key] = detail[key]
         results["stream_kept_up"] = detail["kept_up"]

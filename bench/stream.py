@@ -17,12 +17,16 @@ the runner's start-up nor the filling of caches and heaps is measured (over
 seven minutes at 600 ev/s, the pipeline's memory climbed for a minute or two,
 then stayed within its garbage-collection swing).
 
-``stream_events_per_s`` is the end-to-end rate: events that landed, divided by
-the time from the first 202 to the last of them being readable (so it includes
-one window's wait at the end, and under overload it is the rate the pipeline
-really drained at). ``offered_events_per_s`` is what was posted; the pipeline
-kept up (``kept_up``) when every accepted event landed with freshness p95 <=
-window + 10 s.
+``stream_events_per_s`` is the sustained rate: events that landed, divided by
+the posting time plus how much their delay grew from the first 30 s of the
+load to the last (``delay_growth_s``, see ``_delay_growth``): the posted rate
+when the pipeline keeps up, the rate it really drained at when it falls behind.
+``end_to_end_events_per_s`` (what ``stream_events_per_s`` was until stop 25)
+divides by the time from the first 202 to the last row readable instead, which
+also counts one delay (a window and more), so at 5,000 ev/s offered for two
+minutes it stays under ~4,500 however fast the pipeline is. ``offered_events_per_s``
+is what was posted; the pipeline kept up (``kept_up``) when every accepted event
+landed with freshness p95 <= window + 10 s.
 
 Memory of the pipeline's process tree (the SDK worker and Prism) is sampled every
 half second over the measured load. "Memory flat" (``stream_memory_flat``) is
@@ -278,6 +282,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
             if landed else 0.0)
     # the measured part's posting: from its first 202 to its last, plus one batch's share of the schedule
     posting_s = (max(accepted.values()) - min(accepted.values()) + batch / rate) if accepted else 0.0
+    delay_growth = _delay_growth(accepted, watcher.seen_at, edge_s=max(30.0, 3.0 * window_s))
     memory = peak.growth(measured_from, measured_until)
     trend = _freshness_trend(accepted, watcher.seen_at, slice_s=15.0)
     curve = [round(mb / 2**20) for t, mb in _every(peak.samples, measured_from, measured_until, 30.0)]
@@ -287,7 +292,13 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         "accepted": len(accepted), "landed": landed, "failed_requests": load["failed_requests"],
         "posting_s": round(posting_s, 1), "max_behind_schedule_s": load["max_behind_schedule_s"],
         "post_p50_ms": load["post_p50_ms"], "post_p99_ms": load["post_p99_ms"],
-        "stream_events_per_s": round(landed / span, 1) if span > 0 else 0.0,
+        # sustained: the rate the lake took the events at, its steady delay taken out (see _delay_growth); when
+        # some never landed, the end-to-end rate instead
+        "stream_events_per_s": (round(landed / (posting_s + delay_growth), 1)
+                                if landed == len(accepted) and posting_s + delay_growth > 0
+                                else round(landed / span, 1) if span > 0 else 0.0),
+        "end_to_end_events_per_s": round(landed / span, 1) if span > 0 else 0.0,
+        "delay_growth_s": round(delay_growth, 2),
         "offered_events_per_s": round(len(accepted) / posting_s, 1) if posting_s > 0 else 0.0,
         "freshness_p50_s": round(_percentile(fresh, 0.5), 2),
         "freshness_p95_s": round(p95, 2),
@@ -301,6 +312,33 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         # flat: what is held after collections grew by a small share of it over the measured load
         "stream_memory_flat": memory["last_third_floor_mb"] <= (1 + FLAT_MEMORY_SHARE) * memory["first_third_floor_mb"],
     }
+
+
+def _delay_growth(accepted: dict, seen_at: dict, *, edge_s: float) -> float:
+    """How much longer the last events posted took to land than the first, floored at 0: the slope of the median
+    delay from the first ``edge_s`` of the load to the last (edges of whole windows, so both hold the same mix of
+    early and late places in a window), times the posting time.
+
+    A pipeline that keeps up lands events with a steady delay, so the lake takes them at the rate they were
+    posted, however long that delay is: the time from the first 202 to the last row (the end-to-end rate) also
+    counts the delay once, which over two minutes would put 5,000 ev/s out of reach of any pipeline that waits for
+    windows. One that falls behind lands them later and later: the delay grows by the backlog's drain time, and
+    ``landed / (posting + growth)`` is the rate it really drained at.
+    """
+    if not accepted:
+        return 0.0
+    start, end = min(accepted.values()), max(accepted.values())
+    edges = []
+    for inside in (lambda t: t < start + edge_s, lambda t: t > end - edge_s):
+        posted = sorted(t for i, t in accepted.items() if inside(t) and i in seen_at)
+        delays = sorted(seen_at[i] - t for i, t in accepted.items() if inside(t) and i in seen_at)
+        if not delays:
+            return 0.0
+        edges.append((_percentile(posted, 0.5), _percentile(delays, 0.5)))
+    (first_at, first_delay), (last_at, last_delay) = edges
+    if last_at <= first_at:
+        return 0.0
+    return max(0.0, (last_delay - first_delay) / (last_at - first_at) * (end - start))
 
 
 def _freshness_trend(accepted: dict, seen_at: dict, *, slice_s: float) -> list:

@@ -96,10 +96,38 @@ def test_stream_bench_sees_every_event_land(tmp_path):
                          workdir=str(tmp_path), drain_timeout_s=120)
     assert results["accepted"] == 400
     assert results["landed"] == results["accepted"]
-    for key in ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_peak_rss_mb"):
+    for key in ("stream_events_per_s", "end_to_end_events_per_s", "freshness_p50_s", "freshness_p95_s",
+                "stream_peak_rss_mb"):
         assert results[key] > 0, key
+    assert results["end_to_end_events_per_s"] <= results["stream_events_per_s"]
     assert results["memory"]["samples"] >= 2 and isinstance(results["stream_memory_flat"], bool)
     assert results["freshness_p95_every_15s"] and all(f > 0 for f in results["freshness_p95_every_15s"])
+
+
+def _landing(rate: float, seconds: float, delay_at) -> tuple:
+    """Events posted at ``rate`` for ``seconds``; each lands ``delay_at(posted)`` later, at a window's end."""
+    accepted, seen = {}, {}
+    for n in range(int(rate * seconds)):
+        posted = 1000.0 + n / rate
+        accepted[n] = posted
+        seen[n] = (posted + delay_at(posted - 1000.0)) // 10 * 10 + 10  # rows become readable when a 10 s window ends
+    return accepted, seen
+
+
+def test_a_pipeline_that_keeps_up_sustains_the_posted_rate_however_long_its_delay():
+    accepted, seen = _landing(5000, 120, lambda t: 12.0)
+    growth = stream._delay_growth(accepted, seen, edge_s=30)
+    assert growth == 0.0
+    assert 5000 * 0.98 < len(accepted) / (120 + growth) <= 5000
+    end_to_end = len(accepted) / (max(seen.values()) - min(accepted.values()))
+    assert end_to_end < 4700  # the end-to-end rate counts the delay once
+
+
+def test_a_pipeline_that_falls_behind_sustains_the_rate_it_drains_at():
+    # drains at 4,000 of 5,000 ev/s posted: the backlog's delay grows by a quarter of the time elapsed
+    accepted, seen = _landing(5000, 120, lambda t: 12.0 + t / 4)
+    growth = stream._delay_growth(accepted, seen, edge_s=30)
+    assert 4000 * 0.95 < len(accepted) / (120 + growth) < 4000 * 1.05
 
 
 def test_steady_bodies_are_the_schedule_of_batches_with_their_event_ids():
