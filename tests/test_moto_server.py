@@ -98,3 +98,33 @@ def test_the_interval_must_be_positive():
 
     with pytest.raises(ValueError):
         steady_garbage_collection(0)
+
+
+def test_the_server_finds_each_hosts_backend_once_and_answers_as_moto_does():
+    from moto import backends
+    from moto.moto_server import werkzeug_app
+
+    from runners.moto_server import route_by_remembered_host
+
+    dispatcher = werkzeug_app.DomainDispatcherApplication
+    hosts = ["kinesis.us-east-1.amazonaws.com", "dynamodb.eu-west-1.amazonaws.com", "sqs.us-east-1.amazonaws.com",
+             "s3", "moto_api", None, "nothing.example.org"]
+    expected = [dispatcher(werkzeug_app.create_backend_app).get_backend_for_host(host) for host in hosts]
+    assert expected[0] == "kinesis" and expected[1] == "dynamodb" and expected[-1] is None
+
+    original = dispatcher.get_backend_for_host
+    listed = backends.list_of_moto_modules
+    listings = []
+    route_by_remembered_host()
+    route_by_remembered_host()  # once only: the second call does not wrap the wrapper
+    backends.list_of_moto_modules = lambda: (listings.append(1), listed())[1]
+    try:
+        app = dispatcher(werkzeug_app.create_backend_app)
+        found = [[app.get_backend_for_host(host) for host in hosts] for _ in range(3)]
+    finally:
+        backends.list_of_moto_modules = listed
+        dispatcher.get_backend_for_host = original
+        dispatcher._eventlake_remembered = False
+    assert found == [expected] * 3
+    # only the first round looked: every host but moto_api and None lists moto's folders, once
+    assert len(listings) == len([host for host in hosts if host not in (None, "moto_api")])
