@@ -32,6 +32,10 @@ moto's server finds each request's backend again, under a lock all its threads
 share, by listing its own package folders and trying every backend's URL
 patterns; ``route_by_remembered_host`` keeps the answer per host (PutRecords
 loop +8 to +16 %, open-loop p50 -0.7 to -3.2 ms in four alternating pairs).
+And moto writes each answer by walking botocore's description of the operation
+field by field; ``direct_kinesis_answers`` writes the answers of the two calls
+that carry every event, ``GetRecords`` and ``PutRecords``, as JSON directly
+(the emulator's CPU per record read 70 -> 19 us, per record put 75 -> 38 us).
 Then it runs ``moto.server`` unchanged::
 
     python -m runners.moto_server -H 127.0.0.1 -p PORT
@@ -138,6 +142,59 @@ def route_by_remembered_host() -> None:
     dispatcher._eventlake_remembered = True
 
 
+def direct_kinesis_answers() -> None:
+    """Writes ``GetRecords`` and ``PutRecords`` answers as JSON directly instead of through moto's serializer.
+
+    moto builds every answer as Python objects and then walks botocore's description of the operation to write
+    it, field by field: ~70 us of the emulator's CPU per record read and ~75 per record put (GetRecords also
+    decodes each record's base64 only for the serializer to encode it again). At 5,000 ev/s through the ingress
+    into the stream that was more than half a core, on a 2-core machine where real Kinesis would cost nothing.
+    The answers are what moto's own serializer writes (``tests/test_moto_server.py`` compares them as a boto3
+    client reads them); errors still go through moto.
+    """
+    import json
+
+    from moto.kinesis import responses
+
+    answer = responses.KinesisResponse
+    if getattr(answer, "_eventlake_direct", False):
+        return
+
+    def get_records(self) -> str:
+        next_iterator, records, behind = self.kinesis_backend.get_records(
+            self._get_param("StreamARN"), self._get_param("ShardIterator"), self._get_param("Limit"))
+        return json.dumps({
+            "NextShardIterator": next_iterator,
+            "Records": [{"Data": _text(record.data), "PartitionKey": record.partition_key,
+                         "SequenceNumber": str(record.sequence_number),
+                         "ApproximateArrivalTimestamp": _epoch_ms(record.created_at_datetime)} for record in records],
+            "MillisBehindLatest": behind,
+        })
+
+    def put_records(self) -> str:
+        return json.dumps(self.kinesis_backend.put_records(
+            self._get_param("StreamARN"), self._get_param("StreamName"), self._get_param("Records")))
+
+    answer._eventlake_moto_get_records = answer.get_records
+    answer._eventlake_moto_put_records = answer.put_records
+    answer.get_records = get_records
+    answer.put_records = put_records
+    answer._eventlake_direct = True
+
+
+def _epoch_ms(moment) -> float:
+    """A naive UTC datetime as epoch seconds truncated to milliseconds, as moto's serializer writes timestamps."""
+    import calendar
+
+    seconds = calendar.timegm(moment.timetuple())
+    return seconds + (moment.microsecond // 1000) / 1000.0 if moment.microsecond else seconds
+
+
+def _text(data) -> str:
+    """A record's data as moto keeps it (base64, as text or bytes) as the base64 text of the answer."""
+    return data.decode("ascii") if isinstance(data, bytes) else data
+
+
 def steady_garbage_collection(interval_s: float = 2.0, stop: Optional[threading.Event] = None) -> threading.Thread:
     """Every ``interval_s`` until ``stop`` is set: a full collection, then ``gc.freeze()`` of what survived it.
 
@@ -166,6 +223,7 @@ def main(argv: list[str]) -> int:
     steady_garbage_collection()
     make_shards_thread_safe()
     route_by_remembered_host()
+    direct_kinesis_answers()
     from moto.server import main as moto_main
 
     moto_main(argv)

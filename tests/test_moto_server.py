@@ -3,6 +3,7 @@ the shard (``runners.moto_server.fast_shards``)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 
 import pytest
@@ -128,3 +129,63 @@ def test_the_server_finds_each_hosts_backend_once_and_answers_as_moto_does():
     assert found == [expected] * 3
     # only the first round looked: every host but moto_api and None lists moto's folders, once
     assert len(listings) == len([host for host in hosts if host not in (None, "moto_api")])
+
+
+@contextlib.contextmanager
+def _answers(direct: bool):
+    """moto's Kinesis answers written directly (``direct_kinesis_answers``) or by moto's own serializer."""
+    from moto.kinesis import responses
+
+    from runners.moto_server import direct_kinesis_answers
+
+    direct_kinesis_answers()
+    answer = responses.KinesisResponse
+    direct_own = (answer.get_records, answer.put_records)
+    if not direct:
+        answer.get_records, answer.put_records = answer._eventlake_moto_get_records, answer._eventlake_moto_put_records
+    try:
+        yield
+    finally:
+        answer.get_records, answer.put_records = direct_own
+
+
+def _put_and_read(direct_put: bool) -> tuple:
+    """PutRecords, then every page of GetRecords read twice from the same iterator (moto's own writing, then the
+    direct one), on moto in this process, as a boto3 client reads them."""
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        client = boto3.client("kinesis", region_name="eu-west-1")
+        client.create_stream(StreamName="answers", ShardCount=2)
+        records = [{"Data": f"record {n} é".encode() + bytes([n % 256]), "PartitionKey": f"key-{n % 13}"}
+                   for n in range(300)]
+        with _answers(direct_put):
+            put = client.put_records(StreamName="answers", Records=records)
+            with pytest.raises(client.exceptions.ResourceNotFoundException):
+                client.put_records(StreamName="missing", Records=records[:1])
+        pages = []
+        for shard in client.list_shards(StreamName="answers")["Shards"]:
+            iterator = client.get_shard_iterator(StreamName="answers", ShardId=shard["ShardId"],
+                                                 ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+            for _ in range(5):
+                both = []
+                for direct in (False, True):
+                    with _answers(direct):
+                        page = client.get_records(ShardIterator=iterator, Limit=70)
+                    page.pop("ResponseMetadata")
+                    both.append(page)
+                pages.append(both)
+                iterator = both[0]["NextShardIterator"]
+    put.pop("ResponseMetadata")
+    return put, pages
+
+
+def test_direct_kinesis_answers_read_as_moto_own_do():
+    moto_put, pages = _put_and_read(direct_put=False)
+    direct_put, _ = _put_and_read(direct_put=True)
+    assert direct_put == moto_put and len(direct_put["Records"]) == 300
+    for moto_page, direct_page in pages:
+        assert direct_page == moto_page
+    read = [record for moto_page, _ in pages for record in moto_page["Records"]]
+    assert len(read) == 300 and all(record["ApproximateArrivalTimestamp"].tzinfo for record in read)
