@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -282,7 +283,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
             if landed else 0.0)
     # the measured part's posting: from its first 202 to its last, plus one batch's share of the schedule
     posting_s = (max(accepted.values()) - min(accepted.values()) + batch / rate) if accepted else 0.0
-    delay_growth = _delay_growth(accepted, watcher.seen_at, edge_s=max(30.0, 3.0 * window_s))
+    delay_growth = _delay_growth(accepted, watcher.seen_at, edge_s=window_s * math.ceil(30 / window_s))
     memory = peak.growth(measured_from, measured_until)
     trend = _freshness_trend(accepted, watcher.seen_at, slice_s=15.0)
     curve = [round(mb / 2**20) for t, mb in _every(peak.samples, measured_from, measured_until, 30.0)]

@@ -142,6 +142,9 @@ def route_by_remembered_host() -> None:
     dispatcher._eventlake_remembered = True
 
 
+JSON_1_1 = "application/x-amz-json-1.1"
+
+
 def direct_kinesis_answers() -> None:
     """Writes ``GetRecords`` and ``PutRecords`` answers as JSON directly instead of through moto's serializer.
 
@@ -161,6 +164,7 @@ def direct_kinesis_answers() -> None:
         return
 
     def get_records(self) -> str:
+        self.response_headers["Content-Type"] = JSON_1_1  # as moto's serializer answers (werkzeug: text/html)
         next_iterator, records, behind = self.kinesis_backend.get_records(
             self._get_param("StreamARN"), self._get_param("ShardIterator"), self._get_param("Limit"))
         return json.dumps({
@@ -172,6 +176,7 @@ def direct_kinesis_answers() -> None:
         })
 
     def put_records(self) -> str:
+        self.response_headers["Content-Type"] = JSON_1_1
         return json.dumps(self.kinesis_backend.put_records(
             self._get_param("StreamARN"), self._get_param("StreamName"), self._get_param("Records")))
 

@@ -133,20 +133,22 @@ def test_the_server_finds_each_hosts_backend_once_and_answers_as_moto_does():
 
 @contextlib.contextmanager
 def _answers(direct: bool):
-    """moto's Kinesis answers written directly (``direct_kinesis_answers``) or by moto's own serializer."""
+    """moto's Kinesis answers written directly (``direct_kinesis_answers``) or by moto's own serializer; moto's own
+    again afterwards, as this process had them before."""
     from moto.kinesis import responses
 
     from runners.moto_server import direct_kinesis_answers
 
-    direct_kinesis_answers()
     answer = responses.KinesisResponse
+    direct_kinesis_answers()
+    moto_own = (answer._eventlake_moto_get_records, answer._eventlake_moto_put_records)
     direct_own = (answer.get_records, answer.put_records)
-    if not direct:
-        answer.get_records, answer.put_records = answer._eventlake_moto_get_records, answer._eventlake_moto_put_records
+    answer.get_records, answer.put_records = direct_own if direct else moto_own
     try:
         yield
     finally:
-        answer.get_records, answer.put_records = direct_own
+        answer.get_records, answer.put_records = moto_own
+        answer._eventlake_direct = False
 
 
 def _put_and_read(direct_put: bool) -> tuple:
@@ -173,11 +175,11 @@ def _put_and_read(direct_put: bool) -> tuple:
                 for direct in (False, True):
                     with _answers(direct):
                         page = client.get_records(ShardIterator=iterator, Limit=70)
-                    page.pop("ResponseMetadata")
+                    page["content-type"] = page.pop("ResponseMetadata")["HTTPHeaders"]["content-type"]
                     both.append(page)
                 pages.append(both)
                 iterator = both[0]["NextShardIterator"]
-    put.pop("ResponseMetadata")
+    put["content-type"] = put.pop("ResponseMetadata")["HTTPHeaders"]["content-type"]
     return put, pages
 
 
@@ -187,5 +189,6 @@ def test_direct_kinesis_answers_read_as_moto_own_do():
     assert direct_put == moto_put and len(direct_put["Records"]) == 300
     for moto_page, direct_page in pages:
         assert direct_page == moto_page
+    assert direct_put["content-type"] == moto_put["content-type"] == pages[0][0]["content-type"] != "text/html"
     read = [record for moto_page, _ in pages for record in moto_page["Records"]]
     assert len(read) == 300 and all(record["ApproximateArrivalTimestamp"].tzinfo for record in read)

@@ -92,15 +92,40 @@ def test_estimating_a_batch_encodes_only_a_sample_of_its_members():
 
 
 def test_batches_cross_a_stage_boundary_intact():
-    """Each Create holds one type, so Beam infers it and encodes with the batch coder (as the pipeline's sources)."""
+    """Each batch type in a collection of its own, as the pipeline's sources make them: Beam infers the type and
+    encodes with the batch coder across the Reshuffle."""
     records, rows = _records(1200, seed=5), _rows(900, seed=6)
     with TestPipeline("FnApiRunner") as p:
-        created = (p | "Records" >> beam.Create([records]), p | "Rows" >> beam.Create([rows]))
-        assert all(isinstance(p_coll.element_type, type) for p_coll in created)
-        crossed = (created | beam.Flatten() | beam.Reshuffle()
-                   | beam.Map(lambda batch: (type(batch).__name__, len(batch[0]), batch[0][-1], batch[1][0])))
-        assert_that(crossed, equal_to([("RecordBatch", 1200, records[0][-1], records[1][0]),
-                                       ("RowBatch", 900, rows[0][-1], rows[1][0])]))
+        crossed = []
+        for name, batch in (("Records", records), ("Rows", rows)):
+            created = p | f"Create{name}" >> beam.Create([batch])
+            assert created.element_type is type(batch)
+            crossed.append(created | f"Reshuffle{name}" >> beam.Reshuffle()
+                           | f"Describe{name}" >> beam.Map(
+                               lambda b: (type(b).__name__, len(b[0]), b[0][-1], b[1][0])))
+        assert_that(crossed | beam.Flatten(), equal_to([("RecordBatch", 1200, records[0][-1], records[1][0]),
+                                                         ("RowBatch", 900, rows[0][-1], rows[1][0])]))
+
+
+def test_nested_batches_are_encoded_as_the_default_coder_encodes_them():
+    impl = BatchCoder(RowBatch).get_impl()
+    for batch in (_records(50), _rows(50)):
+        assert impl.encode_nested(batch) == DEFAULT.encode_nested(batch)
+        assert impl.decode_nested(impl.encode_nested(batch)) == batch
+        assert impl.estimate_size(batch, nested=True) > impl.estimate_size(batch)
+
+
+def test_each_batch_type_keeps_its_type_hint_and_a_deterministic_coder_is_the_default_ones():
+    assert typecoders.registry.get_coder(RecordBatch).to_type_hint() is RecordBatch
+    assert typecoders.registry.get_coder(RowBatch).to_type_hint() is RowBatch
+    assert BatchCoder(RecordBatch) != BatchCoder(RowBatch)
+    assert BatchCoder(RowBatch) == typecoders.registry.get_coder(RowBatch)
+    deterministic = BatchCoder(RowBatch).as_deterministic_coder("GroupByBatch")
+    assert deterministic.is_deterministic()
+    batch = _records(3)
+    assert deterministic.decode(deterministic.encode(batch)) == batch
+    with pytest.raises(ValueError, match="batch_type"):
+        BatchCoder(dict)
 
 
 def test_the_pipeline_gives_batches_the_batch_coder_and_dead_letters_the_default():
@@ -120,7 +145,8 @@ def test_the_pipeline_gives_batches_the_batch_coder_and_dead_letters_the_default
         rows = next(c for name, c in coder_of.items() if name.endswith("ParDo(ProcessRecordsFn).None"))
         letters = next(c for name, c in coder_of.items() if name.endswith("ParDo(ProcessRecordsFn).dead_letters"))
         assert isinstance(source, BatchCoder), mode
-        assert isinstance(rows, BatchCoder), mode
+        assert isinstance(rows, BatchCoder) and rows.to_type_hint() is RowBatch, mode
+        assert source.to_type_hint() is RecordBatch, mode
         assert isinstance(letters, coders.FastPrimitivesCoder), mode
 
 

@@ -227,7 +227,7 @@ class KinesisSource(UnboundedSource):
 
     def default_output_coder(self):
         """Batches get their own coder (cheap size estimates, ``transforms.records``); single records Beam's default."""
-        return BatchCoder() if self.config.records_per_element > 1 else super().default_output_coder()
+        return BatchCoder(RecordBatch) if self.config.records_per_element > 1 else super().default_output_coder()
 
     def get_checkpoint_mark_coder(self):
         # One for the process: Beam asks for it several times a bundle (restriction coding, reader-cache keys), and

@@ -114,11 +114,20 @@ class _BatchCoderImpl(coder_impl.StreamCoderImpl):
 
 
 class BatchCoder(coders.FastCoder):
-    """The coder of :class:`RecordBatch` and :class:`RowBatch` elements (see the module docstring).
+    """The coder of :class:`RecordBatch` or :class:`RowBatch` elements (see the module docstring).
 
     The bytes are those of Beam's default coder (``FastPrimitivesCoder``), so a
     batch encoded by either decodes with the other; only the size estimate differs.
     """
+
+    def __init__(self, batch_type: type = RecordBatch):
+        if batch_type not in (RecordBatch, RowBatch):
+            raise ValueError(f"batch_type must be RecordBatch or RowBatch, got {batch_type!r}")
+        self._batch_type = batch_type
+
+    @classmethod
+    def from_type_hint(cls, typehint, registry):
+        return cls(typehint)
 
     def _create_impl(self):
         return _BatchCoderImpl()
@@ -126,14 +135,18 @@ class BatchCoder(coders.FastCoder):
     def is_deterministic(self) -> bool:
         return False
 
+    def as_deterministic_coder(self, step_label, error_message=None):
+        """As the default coder's (a batch used as a key is encoded the way Beam's deterministic coder does)."""
+        return coders.FastPrimitivesCoder().as_deterministic_coder(step_label, error_message)
+
     def to_type_hint(self):
-        return RecordBatch
+        return self._batch_type
 
     def __eq__(self, other):
-        return type(self) is type(other)
+        return type(self) is type(other) and self._batch_type is other._batch_type
 
     def __hash__(self):
-        return hash(type(self))
+        return hash((type(self), self._batch_type))
 
 
 typecoders.registry.register_coder(RecordBatch, BatchCoder)
