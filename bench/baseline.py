@@ -123,6 +123,7 @@ def _records(pattern):
 
 def run_on(pattern, lake: str, *, stack: LocalStack, schema_dir: str = SCHEMA_DIR) -> dict:
     """Runs the loop over the files matching ``pattern`` (a glob, or a list of paths); figures and conservation."""
+    environ = dict(os.environ)
     os.environ.update(stack.env())
     os.environ.setdefault("EVENTLAKE_PSEUDONYMIZATION_KEYS", "bench1=bench-secret-not-for-production")
     previous = gc.get_threshold()
@@ -131,6 +132,8 @@ def run_on(pattern, lake: str, *, stack: LocalStack, schema_dir: str = SCHEMA_DI
         return _run_on(pattern, lake, stack=stack, schema_dir=schema_dir)
     finally:
         gc.set_threshold(*previous)
+        os.environ.clear()  # the stack's settings were for this run only (a caller's process goes on)
+        os.environ.update(environ)
 
 
 def _run_on(pattern, lake: str, *, stack: LocalStack, schema_dir: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
+import os
 
 import pytest
 from moto.kinesis import models
@@ -151,12 +152,14 @@ def _answers(direct: bool):
         answer._eventlake_direct = False
 
 
-def _put_and_read(direct_put: bool) -> tuple:
+def _put_and_read(direct_put: bool, monkeypatch) -> tuple:
     """PutRecords, then every page of GetRecords read twice from the same iterator (moto's own writing, then the
     direct one), on moto in this process, as a boto3 client reads them."""
     import boto3
     from moto import mock_aws
 
+    for name in [name for name in os.environ if name.startswith("AWS_ENDPOINT_URL")]:
+        monkeypatch.delenv(name)  # in this process's moto, not a server another test left in the environment
     with mock_aws():
         client = boto3.client("kinesis", region_name="eu-west-1")
         client.create_stream(StreamName="answers", ShardCount=2)
@@ -183,9 +186,9 @@ def _put_and_read(direct_put: bool) -> tuple:
     return put, pages
 
 
-def test_direct_kinesis_answers_read_as_moto_own_do():
-    moto_put, pages = _put_and_read(direct_put=False)
-    direct_put, _ = _put_and_read(direct_put=True)
+def test_direct_kinesis_answers_read_as_moto_own_do(monkeypatch):
+    moto_put, pages = _put_and_read(False, monkeypatch)
+    direct_put, _ = _put_and_read(True, monkeypatch)
     assert direct_put == moto_put and len(direct_put["Records"]) == 300
     for moto_page, direct_page in pages:
         assert direct_page == moto_page
