@@ -284,6 +284,7 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
     # the measured part's posting: from its first 202 to its last, plus one batch's share of the schedule
     posting_s = (max(accepted.values()) - min(accepted.values()) + batch / rate) if accepted else 0.0
     delay_growth = _delay_growth(accepted, watcher.seen_at, edge_s=window_s * math.ceil(30 / window_s))
+    end_to_end = round(landed / span, 1) if span > 0 else 0.0
     memory = peak.growth(measured_from, measured_until)
     trend = _freshness_trend(accepted, watcher.seen_at, slice_s=15.0)
     curve = [round(mb / 2**20) for t, mb in _every(peak.samples, measured_from, measured_until, 30.0)]
@@ -296,9 +297,8 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         # sustained: the rate the lake took the events at, its steady delay taken out (see _delay_growth); when
         # some never landed, the end-to-end rate instead
         "stream_events_per_s": (round(landed / (posting_s + delay_growth), 1)
-                                if landed == len(accepted) and posting_s + delay_growth > 0
-                                else round(landed / span, 1) if span > 0 else 0.0),
-        "end_to_end_events_per_s": round(landed / span, 1) if span > 0 else 0.0,
+                                if landed == len(accepted) and posting_s + delay_growth > 0 else end_to_end),
+        "end_to_end_events_per_s": end_to_end,
         "delay_growth_s": round(delay_growth, 2),
         "offered_events_per_s": round(len(accepted) / posting_s, 1) if posting_s > 0 else 0.0,
         "freshness_p50_s": round(_percentile(fresh, 0.5), 2),
@@ -331,11 +331,11 @@ def _delay_growth(accepted: dict, seen_at: dict, *, edge_s: float) -> float:
     start, end = min(accepted.values()), max(accepted.values())
     edges = []
     for inside in (lambda t: t < start + edge_s, lambda t: t > end - edge_s):
-        posted = sorted(t for i, t in accepted.items() if inside(t) and i in seen_at)
-        delays = sorted(seen_at[i] - t for i, t in accepted.items() if inside(t) and i in seen_at)
-        if not delays:
+        landed = [(t, seen_at[i] - t) for i, t in accepted.items() if inside(t) and i in seen_at]
+        if not landed:
             return 0.0
-        edges.append((_percentile(posted, 0.5), _percentile(delays, 0.5)))
+        edges.append((_percentile(sorted(t for t, _ in landed), 0.5),
+                      _percentile(sorted(delay for _, delay in landed), 0.5)))
     (first_at, first_delay), (last_at, last_delay) = edges
     if last_at <= first_at:
         return 0.0
