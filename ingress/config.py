@@ -24,7 +24,9 @@ Publishing to Kinesis:
 - ``EVENTLAKE_PUBLISH_TIMEOUT_SECONDS`` (default 10): how long a request may
   wait for Kinesis, retries included, before it gets 503.
 - ``EVENTLAKE_PUBLISH_MAX_ATTEMPTS`` (default 5): PutRecords attempts per event.
-- ``EVENTLAKE_PUBLISH_SENDERS`` (default 4): concurrent PutRecords calls per process.
+- ``EVENTLAKE_PUBLISH_SENDERS`` (default 4): at most this many PutRecords calls in
+  flight per process; a call that is not full waits for the one in flight
+  (``ingress.publisher``).
 - ``EVENTLAKE_READY_CACHE_SECONDS`` (default 2): how long /readyz trusts its
   last look at the stream.
 - ``EVENTLAKE_PUBLISHER``: ``kinesis`` (default) or ``discard``. ``discard`` is a

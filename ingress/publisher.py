@@ -3,7 +3,15 @@
 Requests hand their records to :meth:`KinesisPublisher.publish` and wait. A few
 sender threads drain one shared queue into ``PutRecords`` calls within the
 Kinesis limits (500 records, 5 MiB per call), so concurrent requests share
-calls. Only the failed entries of a partial failure are put again, with
+calls. Calls are coalesced: a call that is not full starts only when no other
+call of the process is in flight; while one is, records wait for it (at most one
+call's round trip) and then leave together. A second, third... call runs in
+parallel only when a full call's worth is waiting, so the senders add
+throughput under a backlog without splitting a moderate load into many small
+calls: every call costs a connection, signing and a round trip on top of its
+records, and with four senders always sending, the bench's calls carried 230
+records on average and the ingress reached 0.75-0.83 of the emulator's
+PutRecords ceiling, against 0.85-0.96 with one sender and 480-record calls. Only the failed entries of a partial failure are put again, with
 exponential backoff and full jitter, bounded in attempts and time. ``publish``
 returns once Kinesis acknowledged every record of the request, or raises
 :class:`PublishFailed`; then none of the request counts as accepted (records of
@@ -128,8 +136,10 @@ class KinesisPublisher:
         self._client_pid = None
         self._pid = None
         self._queue: collections.deque[_Entry] = collections.deque()
+        self._queued_bytes = 0
         self._cond = threading.Condition()
-        self._busy = 0
+        self._busy = 0  # senders holding a batch (close() waits for them)
+        self._in_flight = 0  # of those, the ones in a call rather than in a retry's backoff
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._ready_at = 0.0
@@ -150,7 +160,8 @@ class KinesisPublisher:
             if self._closing:
                 raise PublishFailed("shutting_down", retry_after=1)
             self._queue.extend(entries)
-            self._cond.notify(self.senders)
+            self._queued_bytes += sum(entry.size for entry in entries)
+            self._cond.notify()
         # The senders bound every entry by the deadline; the margin covers one last call.
         finished = submission.done.wait(self.timeout_s + 15.0)
         if not finished:
@@ -185,33 +196,49 @@ class KinesisPublisher:
             self._client_pid = os.getpid()
         return self._client
 
+    def _pop(self) -> _Entry:
+        entry = self._queue.popleft()
+        self._queued_bytes -= entry.size
+        return entry
+
+    def _may_send(self) -> bool:
+        """Whether a sender may start a call now (module docstring): records are waiting, and either no call is in
+        flight, or a full call's worth is waiting, or the publisher is closing (then everything leaves)."""
+        if not self._queue:
+            return False
+        return (not self._in_flight or self._closing or len(self._queue) >= MAX_RECORDS_PER_CALL
+                or self._queued_bytes >= MAX_BYTES_PER_CALL)
+
     def _take_batch(self) -> list[_Entry]:
         batch, size = [], 0
         now = time.monotonic()
         while self._queue and len(batch) < MAX_RECORDS_PER_CALL:
             entry = self._queue[0]
             if entry.submission.failed:
-                self._queue.popleft()
+                self._pop()
                 continue
             if now >= entry.submission.deadline:
-                self._queue.popleft()
+                self._pop()
                 entry.submission.fail("timeout")
                 continue
             if size + entry.size > MAX_BYTES_PER_CALL:
                 break
-            batch.append(self._queue.popleft())
+            batch.append(self._pop())
             size += entry.size
         return batch
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._may_send() and not (self._closing and not self._queue):
                     self._cond.wait()
                 if not self._queue and self._closing:
                     return
                 batch = self._take_batch()
                 self._busy += 1
+                self._in_flight += 1
+                if self._may_send():  # a full call's worth is still waiting: another sender may take it
+                    self._cond.notify()
             try:
                 if batch:
                     self._send(batch)
@@ -222,7 +249,19 @@ class KinesisPublisher:
             finally:
                 with self._cond:
                     self._busy -= 1
+                    self._in_flight -= 1
                     self._cond.notify_all()
+
+    def _back_off(self, delay: float) -> None:
+        """Sleep before a retry out of flight: records of other requests need not wait for this one's backoff."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+        try:
+            time.sleep(delay)
+        finally:
+            with self._cond:
+                self._in_flight += 1
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * (2 ** (attempt - 1))))
@@ -247,7 +286,7 @@ class KinesisPublisher:
                     entry.submission.fail(reason)
                 return
             self.metrics.kinesis_retries.inc(len(failed))
-            time.sleep(delay)
+            self._back_off(delay)
             pending = failed
 
     def _put(self, entries: list[_Entry]) -> tuple[list[_Entry], bool, str]:

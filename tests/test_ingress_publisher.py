@@ -104,6 +104,93 @@ def test_concurrent_requests_share_put_records_calls(ingress_env):
     assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(80))
 
 
+def test_requests_arriving_during_a_call_leave_together_in_the_next_one(ingress_env):
+    # Four senders, as by default: while one call is in flight, a request's records wait for it rather than
+    # start a small call of their own, so every call carries as many records as have come in.
+    gate = threading.Event()
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
+    app = make_app(ingress_env, faulty, senders=4)
+    publisher = app.extensions["eventlake"].publisher
+    statuses = []
+
+    def send(n):
+        statuses.append(post(app.test_client(), {"events": [event(n * 10 + i) for i in range(10)]}).status_code)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    threads[0].start()
+    wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: faulty.calls > 1 or len(publisher._queue) == 70, timeout=30, what="queued requests")
+    assert faulty.calls == 1  # three senders idle, seventy records waiting: no call of ten each
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert statuses == [202] * 8
+    assert faulty.records_per_call == [10, 70]
+    assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(80))
+
+
+def test_a_backlog_of_a_full_call_is_sent_beside_the_call_in_flight(ingress_env):
+    gate = threading.Event()
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
+    app = make_app(ingress_env, faulty, senders=4)
+    publisher = app.extensions["eventlake"].publisher
+    statuses = []
+
+    def send(n):
+        statuses.append(post(app.test_client(), {"events": [event(n * 100 + i) for i in range(100)]}).status_code)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(9)]
+    threads[0].start()
+    wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
+    for thread in threads[1:]:
+        thread.start()
+    # 800 records wait: a full call of 500 goes out while the first is still held; the other 300 wait for a call.
+    wait_until(lambda: faulty.calls == 2 and len(publisher._queue) == 300, timeout=30, what="a second, full call")
+    assert faulty.records_per_call == [100, 500]
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert statuses == [202] * 9
+    assert faulty.records_per_call == [100, 500, 300]
+    assert len(set(stream_ids(ingress_env))) == 900
+
+
+def test_a_retry_backoff_does_not_hold_back_other_requests(ingress_env, monkeypatch):
+    # The first request's records fail once; while its sender backs off, the next request's records go out.
+    import ingress.publisher as publisher_module
+
+    backing_off, release = threading.Event(), threading.Event()
+
+    def sleep(seconds):
+        backing_off.set()
+        assert release.wait(30), "the backoff was never released"
+
+    monkeypatch.setattr(publisher_module, "time", type("Clock", (), {
+        "monotonic": staticmethod(publisher_module.time.monotonic), "sleep": staticmethod(sleep)}))
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), fail_first_attempts=1,
+                           select=lambda data: any(f'"ev-{i}"'.encode() in data for i in range(5)))
+    app = make_app(ingress_env, faulty, senders=4)
+    statuses = {}
+
+    def send(first):
+        body = {"events": [event(first + i) for i in range(5)]}
+        statuses[first] = post(app.test_client(), body).status_code
+
+    first = threading.Thread(target=send, args=(0,))  # ev-0 .. ev-4 fail once
+    first.start()
+    wait_until(backing_off.is_set, timeout=30, what="the first request's backoff")
+    second = threading.Thread(target=send, args=(10,))  # ev-10 .. ev-14
+    second.start()
+    second.join(30)
+    assert statuses == {10: 202} and faulty.records_per_call == [5, 5]
+    release.set()
+    first.join(30)
+    assert statuses == {10: 202, 0: 202} and faulty.records_per_call == [5, 5, 5]
+    assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in (*range(5), *range(10, 15)))
+
+
 def test_call_size_stays_within_kinesis_limits(ingress_env):
     faulty = FaultyKinesis(ingress_env.client("kinesis"))
     publisher = KinesisPublisher(ingress_env.config.stream, client_factory=lambda: faulty, senders=1)
