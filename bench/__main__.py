@@ -3,7 +3,7 @@
 Sizes are parameters (with the defaults a run took 12-17 minutes on a 2-core
 machine, three backfill rounds included)::
 
-    python -m bench [--backfill_events 500000] [--stream_rate 5000] [--stream_steady_rate 2000]
+    python -m bench [--backfill_events 500000] [--stream_rate 5250] [--stream_steady_rate 2000]
                     [--stream_duration 120] [--capacity_events 100000] [--only ingress,stream]
 """
 from __future__ import annotations
@@ -17,10 +17,12 @@ from typing import Optional
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PARTS = ("ingress", "backfill", "stream", "capacity")
-#: Offered to the stream for the two measured minutes: the target rate itself, so that the headline says whether the
-#: ingress, the emulator and the pipeline sustain it together on this machine (on 2 cores they are at its edge:
-#: docs/benchmarks.md). The pipeline's own ceiling is the "capacity" part.
-STREAM_RATE = 5000.0
+#: Offered to the stream for the two measured minutes: 5 % over the 5,000 ev/s target, so that the headline says
+#: whether the ingress, the emulator and the pipeline sustain the target together on this machine (on 2 cores they
+#: are near its edge: docs/benchmarks.md). The sustained figure can only be at most what is offered, less the
+#: schedule's and the delay growth's noise: offered exactly 5,000, it read 4,980-4,999 in runs that kept up, so it could
+#: never show the target held. The pipeline's own ceiling is the "capacity" part.
+STREAM_RATE = 5250.0
 #: A second run, offered a rate the stack sustains here with margin: freshness and memory away from the edge, where a
 #: change shows that the target run's swings would hide. 0 skips it.
 STREAM_STEADY_RATE = 2000.0
