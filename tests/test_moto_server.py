@@ -195,3 +195,57 @@ def test_direct_kinesis_answers_read_as_moto_own_do(monkeypatch):
     assert direct_put["content-type"] == moto_put["content-type"] == pages[0][0]["content-type"] != "text/html"
     read = [record for moto_page, _ in pages for record in moto_page["Records"]]
     assert len(read) == 300 and all(record["ApproximateArrivalTimestamp"].tzinfo for record in read)
+
+
+def _batch_get(direct: bool, monkeypatch) -> list:
+    """BatchGetItem answers (with and without a projection, a missing key, a missing table) on moto in this
+    process, as a boto3 client reads them, written by moto's serializer or directly (``direct_dynamodb_answers``)."""
+    import boto3
+    from moto import mock_aws
+    from moto.dynamodb import responses
+
+    from runners.moto_server import direct_dynamodb_answers
+
+    for name in [name for name in os.environ if name.startswith("AWS_ENDPOINT_URL")]:
+        monkeypatch.delenv(name)
+    handler = responses.DynamoHandler
+    direct_dynamodb_answers()
+    monkeypatch.setattr(handler, "batch_get_item",
+                        handler.batch_get_item if direct else handler._eventlake_moto_batch_get_item)
+    with mock_aws():
+        client = boto3.client("dynamodb", region_name="eu-west-1")
+        client.create_table(TableName="users", KeySchema=[{"AttributeName": "user_id", "KeyType": "HASH"}],
+                            AttributeDefinitions=[{"AttributeName": "user_id", "AttributeType": "S"}],
+                            BillingMode="PAY_PER_REQUEST")
+        for n in range(30):
+            client.put_item(TableName="users", Item={
+                "user_id": {"S": f"user-{n}"}, "email": {"S": f"ü{n}@example.com"}, "visits": {"N": str(n * 7)},
+                "avatar": {"B": bytes([n, 0, 255]) + "é".encode()}, "keys": {"BS": [b"a" + bytes([n]), b"\x00"]},
+                "tags": {"SS": ["red", f"t{n}"]}, "scores": {"NS": ["1.5", str(n)]}, "vip": {"BOOL": n % 2 == 0},
+                "nothing": {"NULL": True},
+                "profile": {"M": {"city": {"S": "Lyon"}, "age": {"N": str(20 + n)},
+                                  "devices": {"L": [{"S": "ios"}, {"M": {"os": {"S": "android"}, "v": {"N": "14"}}}]}}},
+            })
+        keys = [{"user_id": {"S": f"user-{n}"}} for n in (*range(0, 30, 3), 99)]
+        answers = [
+            client.batch_get_item(RequestItems={"users": {"Keys": keys}}),
+            client.batch_get_item(RequestItems={"users": {
+                "Keys": keys, "ProjectionExpression": "#u, email, #p.city, #p.devices, avatar",
+                "ExpressionAttributeNames": {"#u": "user_id", "#p": "profile"}}}),
+        ]
+        with pytest.raises(client.exceptions.ResourceNotFoundException):
+            client.batch_get_item(RequestItems={"missing": {"Keys": keys[:1]}})
+    for answer in answers:
+        answer["content-type"] = answer.pop("ResponseMetadata")["HTTPHeaders"]["content-type"]
+        answer["Responses"]["users"].sort(key=lambda item: item["user_id"]["S"])
+    return answers
+
+
+def test_direct_dynamodb_answers_read_as_moto_own_do(monkeypatch):
+    moto_own = _batch_get(False, monkeypatch)
+    direct = _batch_get(True, monkeypatch)
+    assert direct == moto_own
+    whole, projected = direct
+    assert len(whole["Responses"]["users"]) == 10 and whole["content-type"] == "application/x-amz-json-1.0"
+    assert whole["Responses"]["users"][0]["avatar"]["B"] == bytes([0, 0, 255]) + "é".encode()
+    assert set(projected["Responses"]["users"][0]) == {"user_id", "email", "profile", "avatar"}
