@@ -110,13 +110,14 @@ def ingress_env(stack, monkeypatch):
     return stack
 
 
-def make_app(stack, client=None, *, senders: int = 4, max_attempts: int = 5, timeout_s: float = 5.0, **env):
+def make_app(stack, client=None, *, senders: int = 4, max_attempts: int = 5, timeout_s: float = 5.0,
+             hold_s: float = 0.2, **env):
     """The app on the stack's stream; ``client`` replaces the Kinesis client (a wrapper of the real one)."""
     publisher = None
     if client is not None:
         publisher = KinesisPublisher(stack.config.stream, client_factory=lambda: client, senders=senders,
                                      max_attempts=max_attempts, timeout_s=timeout_s, backoff_base_s=0.01,
-                                     backoff_cap_s=0.1)
+                                     backoff_cap_s=0.1, hold_s=hold_s)
     return create_app(dict(env), publisher=publisher)
 
 

@@ -106,10 +106,11 @@ def test_concurrent_requests_share_put_records_calls(ingress_env):
 
 def test_requests_arriving_during_a_call_leave_together_in_the_next_one(ingress_env):
     # Four senders, as by default: while one call is in flight, a request's records wait for it rather than
-    # start a small call of their own, so every call carries as many records as have come in.
+    # start a small call of their own, so every call carries as many records as have come in. (The hold is long
+    # here: the first call is held at the gate for as long as the test needs.)
     gate = threading.Event()
     faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
-    app = make_app(ingress_env, faulty, senders=4)
+    app = make_app(ingress_env, faulty, senders=4, hold_s=60)
     publisher = app.extensions["eventlake"].publisher
     statuses = []
 
@@ -134,7 +135,7 @@ def test_requests_arriving_during_a_call_leave_together_in_the_next_one(ingress_
 def test_a_backlog_of_a_full_call_is_sent_beside_the_call_in_flight(ingress_env):
     gate = threading.Event()
     faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
-    app = make_app(ingress_env, faulty, senders=4)
+    app = make_app(ingress_env, faulty, senders=4, hold_s=60)
     publisher = app.extensions["eventlake"].publisher
     statuses = []
 
@@ -171,7 +172,7 @@ def test_a_retry_backoff_does_not_hold_back_other_requests(ingress_env, monkeypa
         "monotonic": staticmethod(publisher_module.time.monotonic), "sleep": staticmethod(sleep)}))
     faulty = FaultyKinesis(ingress_env.client("kinesis"), fail_first_attempts=1,
                            select=lambda data: any(f'"ev-{i}"'.encode() in data for i in range(5)))
-    app = make_app(ingress_env, faulty, senders=4)
+    app = make_app(ingress_env, faulty, senders=4, hold_s=60)
     statuses = {}
 
     def send(first):
@@ -180,15 +181,43 @@ def test_a_retry_backoff_does_not_hold_back_other_requests(ingress_env, monkeypa
 
     first = threading.Thread(target=send, args=(0,))  # ev-0 .. ev-4 fail once
     first.start()
-    wait_until(backing_off.is_set, timeout=30, what="the first request's backoff")
-    second = threading.Thread(target=send, args=(10,))  # ev-10 .. ev-14
-    second.start()
-    second.join(30)
-    assert statuses == {10: 202} and faulty.records_per_call == [5, 5]
-    release.set()
+    try:
+        wait_until(backing_off.is_set, timeout=30, what="the first request's backoff")
+        second = threading.Thread(target=send, args=(10,))  # ev-10 .. ev-14
+        second.start()
+        second.join(30)
+        assert statuses == {10: 202} and faulty.records_per_call == [5, 5]
+    finally:
+        release.set()
     first.join(30)
     assert statuses == {10: 202, 0: 202} and faulty.records_per_call == [5, 5, 5]
     assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in (*range(5), *range(10, 15)))
+
+
+def test_a_slow_call_holds_back_other_requests_only_for_the_hold(ingress_env):
+    # A call that hangs (here: held at the gate until the end) keeps the next request's records back for the hold
+    # only; then they go out in a call of their own, beside it.
+    gate = threading.Event()
+    faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
+    app = make_app(ingress_env, faulty, senders=4, hold_s=0.05)
+    statuses = {}
+
+    def send(first):
+        statuses[first] = post(app.test_client(), {"events": [event(first + i) for i in range(10)]}).status_code
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    try:
+        wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
+        second = threading.Thread(target=send, args=(10,))
+        second.start()
+        second.join(30)
+        assert statuses == {10: 202} and faulty.records_per_call == [10, 10]
+    finally:
+        gate.set()
+    first.join(30)
+    assert statuses == {10: 202, 0: 202}
+    assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(20))
 
 
 def test_call_size_stays_within_kinesis_limits(ingress_env):
