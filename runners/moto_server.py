@@ -216,11 +216,14 @@ def direct_dynamodb_answers() -> None:
         raise TypeError(f"no JSON form for {type(value).__name__}")
 
     def batch_get_item(self) -> str:
-        answer = moto_own(self)
+        answer = moto_own(self).result
+        for used in answer.get("ConsumedCapacity", ()):  # a double in DynamoDB's model: 10.0, not 10
+            used["CapacityUnits"] = float(used["CapacityUnits"])
         self.response_headers["Content-Type"] = JSON_1_0
-        return json.dumps(answer.result, default=as_json)
+        return json.dumps(answer, default=as_json)
 
     handler._eventlake_moto_batch_get_item = moto_own
+    handler._eventlake_direct_batch_get_item = batch_get_item
     handler.batch_get_item = batch_get_item
     handler._eventlake_direct = True
 

@@ -210,8 +210,8 @@ def _batch_get(direct: bool, monkeypatch) -> list:
         monkeypatch.delenv(name)
     handler = responses.DynamoHandler
     direct_dynamodb_answers()
-    monkeypatch.setattr(handler, "batch_get_item",
-                        handler.batch_get_item if direct else handler._eventlake_moto_batch_get_item)
+    monkeypatch.setattr(handler, "batch_get_item", handler._eventlake_direct_batch_get_item if direct
+                        else handler._eventlake_moto_batch_get_item)
     with mock_aws():
         client = boto3.client("dynamodb", region_name="eu-west-1")
         client.create_table(TableName="users", KeySchema=[{"AttributeName": "user_id", "KeyType": "HASH"}],
@@ -241,10 +241,32 @@ def _batch_get(direct: bool, monkeypatch) -> list:
     return answers
 
 
-def test_direct_dynamodb_answers_read_as_moto_own_do(monkeypatch):
+def _typed(value):
+    """``value`` with the type of every leaf beside it: 10 and 10.0 differ."""
+    if isinstance(value, dict):
+        return {key: _typed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_typed(item) for item in value]
+    return type(value).__name__, value
+
+
+@pytest.fixture
+def moto_own_dynamodb_answers_after():
+    """This process's moto writes BatchGetItem answers itself again after the test, as it did before."""
+    yield
+    from moto.dynamodb import responses
+
+    handler = responses.DynamoHandler
+    if getattr(handler, "_eventlake_direct", False):
+        handler.batch_get_item = handler._eventlake_moto_batch_get_item
+        handler._eventlake_direct = False
+
+
+def test_direct_dynamodb_answers_read_as_moto_own_do(moto_own_dynamodb_answers_after, monkeypatch):
+    # (the fixture first: it is torn down after monkeypatch has put back what it replaced)
     moto_own = _batch_get(False, monkeypatch)
     direct = _batch_get(True, monkeypatch)
-    assert direct == moto_own
+    assert _typed(direct) == _typed(moto_own)
     whole, projected = direct
     assert len(whole["Responses"]["users"]) == 10 and whole["content-type"] == "application/x-amz-json-1.0"
     assert whole["Responses"]["users"][0]["avatar"]["B"] == bytes([0, 0, 255]) + "é".encode()
