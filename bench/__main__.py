@@ -21,7 +21,8 @@ PARTS = ("ingress", "backfill", "stream", "capacity")
 #: whether the ingress, the emulator and the pipeline sustain the target together on this machine (on 2 cores they
 #: are near its edge: docs/benchmarks.md). The sustained figure can only be at most what is offered, less the
 #: schedule's and the delay growth's noise: offered exactly 5,000, it read 4,980-4,999 in runs that kept up, so it could
-#: never show the target held. The pipeline's own ceiling is the "capacity" part.
+#: never show the target held. "Kept up" is judged at 5,250, so a stack that holds 5,000 but not 5,250 shows as
+#: not keeping up: stricter than the target. The pipeline's own ceiling is the "capacity" part.
 STREAM_RATE = 5250.0
 #: A second run, offered a rate the stack sustains here with margin: freshness and memory away from the edge, where a
 #: change shows that the target run's swings would hide. 0 skips it.
