@@ -36,9 +36,12 @@ landed with freshness p95 <= window + 10 s.
 
 Memory of the pipeline's process tree (the SDK worker and Prism) is sampled every
 half second over the measured load. "Memory flat" (``stream_memory_flat``) is
-judged on the floor, the lowest sample, of its last third against its first
-third (``stream_memory_floor_growth_mb``): garbage collection swings memory up by
-tens of MiB at a time, a leak raises the floor. The least-squares slope
+judged on the floor of its last third against its first third
+(``stream_memory_floor_growth_mb``): garbage collection swings memory up by tens
+of MiB at a time, a leak raises the floor. A third's floor is the sum of each
+process's lowest sample in it (``bench.machine.PeakMemory.growth``: Prism and the
+SDK worker collect on their own schedules, and the lowest sample of their sum
+depended on whether two dips met). The least-squares slope
 (``stream_memory_growth_mb_per_min``) is reported beside it.
 
 ``capacity`` measures the pipeline's own ceiling, which ``run`` does not reach on

@@ -52,6 +52,28 @@ def test_memory_growth_is_the_fitted_slope_of_the_samples():
         flat.growth(100, 200)
 
 
+def test_memory_floors_are_each_process_s_own_summed():
+    # Two processes that collect on their own schedules: each dips to its floor once per third, at different
+    # moments. The floor of their sum would depend on whether two dips met; the sum of their floors does not.
+    mib = 2**20
+    peak = machine.PeakMemory()
+    for t in range(30):
+        worker = 300 - (40 if t in (2, 12, 22) else 0)
+        runner = 150 - (60 if t in (2, 15, 25) else 0)  # at t=2 both dip; in the last third they miss each other
+        peak.samples.append((t, (worker + runner) * mib))
+        peak.process_samples.append((t, {1: worker * mib, 2: runner * mib}))
+    growth = peak.growth(0, 29)
+    assert growth["first_third_floor_mb"] == growth["last_third_floor_mb"] == 260 + 90
+    assert growth["first_third_tree_floor_mb"] == 350 and growth["last_third_tree_floor_mb"] == 390
+    # a leak in one process raises the floor by what it holds
+    leaky = machine.PeakMemory()
+    for t in range(30):
+        leaky.samples.append((t, (300 + t + 150) * mib))
+        leaky.process_samples.append((t, {1: (300 + t) * mib, 2: 150 * mib}))
+    grown = leaky.growth(0, 29)
+    assert grown["last_third_floor_mb"] - grown["first_third_floor_mb"] == 20
+
+
 def test_ingress_bench_returns_its_figures(moto_server):
     stack = LocalStack(StackConfig(stream="smoke-ingress", users_table="smoke-ingress-users",
                                    dead_letter_queue="smoke-ingress-dlq", bucket="smoke-ingress-lake"),
