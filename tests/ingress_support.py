@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Optional
 
 import pytest
 from botocore.exceptions import ClientError
@@ -111,13 +112,15 @@ def ingress_env(stack, monkeypatch):
 
 
 def make_app(stack, client=None, *, senders: int = 4, max_attempts: int = 5, timeout_s: float = 5.0,
-             hold_s: float = 0.2, **env):
-    """The app on the stack's stream; ``client`` replaces the Kinesis client (a wrapper of the real one)."""
+             hold_s: Optional[float] = None, **env):
+    """The app on the stack's stream; ``client`` replaces the Kinesis client (a wrapper of the real one).
+    ``hold_s``: the publisher's own default unless given."""
     publisher = None
     if client is not None:
+        held = {} if hold_s is None else {"hold_s": hold_s}
         publisher = KinesisPublisher(stack.config.stream, client_factory=lambda: client, senders=senders,
                                      max_attempts=max_attempts, timeout_s=timeout_s, backoff_base_s=0.01,
-                                     backoff_cap_s=0.1, hold_s=hold_s)
+                                     backoff_cap_s=0.1, **held)
     return create_app(dict(env), publisher=publisher)
 
 

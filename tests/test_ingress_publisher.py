@@ -104,6 +104,32 @@ def test_concurrent_requests_share_put_records_calls(ingress_env):
     assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(80))
 
 
+def _requests_behind_a_held_call(app, faulty, *, requests: int, size: int):
+    """Posts request 0 (events ``0 .. size-1``) and waits until its call is in flight, held at ``faulty``'s gate;
+    then posts requests 1 .. ``requests``-1 of ``size`` events each. Returns the threads and their statuses."""
+    statuses = []
+
+    def send(n):
+        statuses.append(post(app.test_client(), {"events": [event(n * size + i) for i in range(size)]}).status_code)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(requests)]
+    threads[0].start()
+    wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
+    for thread in threads[1:]:
+        thread.start()
+    return threads, statuses
+
+
+def _post_in_thread(app, statuses: dict, first: int, count: int) -> threading.Thread:
+    """A started thread posting events ``first .. first+count-1``; its status lands in ``statuses[first]``."""
+    def send():
+        statuses[first] = post(app.test_client(), {"events": [event(first + i) for i in range(count)]}).status_code
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
 def test_requests_arriving_during_a_call_leave_together_in_the_next_one(ingress_env):
     # Four senders, as by default: while one call is in flight, a request's records wait for it rather than
     # start a small call of their own, so every call carries as many records as have come in. (The hold is long
@@ -112,19 +138,12 @@ def test_requests_arriving_during_a_call_leave_together_in_the_next_one(ingress_
     faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
     app = make_app(ingress_env, faulty, senders=4, hold_s=60)
     publisher = app.extensions["eventlake"].publisher
-    statuses = []
-
-    def send(n):
-        statuses.append(post(app.test_client(), {"events": [event(n * 10 + i) for i in range(10)]}).status_code)
-
-    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
-    threads[0].start()
-    wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
-    for thread in threads[1:]:
-        thread.start()
-    wait_until(lambda: faulty.calls > 1 or len(publisher._queue) == 70, timeout=30, what="queued requests")
-    assert faulty.calls == 1  # three senders idle, seventy records waiting: no call of ten each
-    gate.set()
+    try:
+        threads, statuses = _requests_behind_a_held_call(app, faulty, requests=8, size=10)
+        wait_until(lambda: faulty.calls > 1 or len(publisher._queue) == 70, timeout=30, what="queued requests")
+        assert faulty.calls == 1  # three senders idle, seventy records waiting: no call of ten each
+    finally:
+        gate.set()
     for thread in threads:
         thread.join(30)
     assert statuses == [202] * 8
@@ -137,20 +156,14 @@ def test_a_backlog_of_a_full_call_is_sent_beside_the_call_in_flight(ingress_env)
     faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
     app = make_app(ingress_env, faulty, senders=4, hold_s=60)
     publisher = app.extensions["eventlake"].publisher
-    statuses = []
-
-    def send(n):
-        statuses.append(post(app.test_client(), {"events": [event(n * 100 + i) for i in range(100)]}).status_code)
-
-    threads = [threading.Thread(target=send, args=(n,)) for n in range(9)]
-    threads[0].start()
-    wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
-    for thread in threads[1:]:
-        thread.start()
-    # 800 records wait: a full call of 500 goes out while the first is still held; the other 300 wait for a call.
-    wait_until(lambda: faulty.calls == 2 and len(publisher._queue) == 300, timeout=30, what="a second, full call")
-    assert faulty.records_per_call == [100, 500]
-    gate.set()
+    try:
+        threads, statuses = _requests_behind_a_held_call(app, faulty, requests=9, size=100)
+        # 800 records wait: a full call of 500 goes out while the first is still held; the other 300 wait for one.
+        wait_until(lambda: faulty.calls == 2 and len(publisher._queue) == 300, timeout=30,
+                   what="a second, full call")
+        assert faulty.records_per_call == [100, 500]
+    finally:
+        gate.set()
     for thread in threads:
         thread.join(30)
     assert statuses == [202] * 9
@@ -174,18 +187,10 @@ def test_a_retry_backoff_does_not_hold_back_other_requests(ingress_env, monkeypa
                            select=lambda data: any(f'"ev-{i}"'.encode() in data for i in range(5)))
     app = make_app(ingress_env, faulty, senders=4, hold_s=60)
     statuses = {}
-
-    def send(first):
-        body = {"events": [event(first + i) for i in range(5)]}
-        statuses[first] = post(app.test_client(), body).status_code
-
-    first = threading.Thread(target=send, args=(0,))  # ev-0 .. ev-4 fail once
-    first.start()
+    first = _post_in_thread(app, statuses, 0, 5)  # ev-0 .. ev-4 fail once
     try:
         wait_until(backing_off.is_set, timeout=30, what="the first request's backoff")
-        second = threading.Thread(target=send, args=(10,))  # ev-10 .. ev-14
-        second.start()
-        second.join(30)
+        _post_in_thread(app, statuses, 10, 5).join(30)  # ev-10 .. ev-14
         assert statuses == {10: 202} and faulty.records_per_call == [5, 5]
     finally:
         release.set()
@@ -201,17 +206,10 @@ def test_a_slow_call_holds_back_other_requests_only_for_the_hold(ingress_env):
     faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
     app = make_app(ingress_env, faulty, senders=4, hold_s=0.05)
     statuses = {}
-
-    def send(first):
-        statuses[first] = post(app.test_client(), {"events": [event(first + i) for i in range(10)]}).status_code
-
-    first = threading.Thread(target=send, args=(0,))
-    first.start()
+    first = _post_in_thread(app, statuses, 0, 10)
     try:
         wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
-        second = threading.Thread(target=send, args=(10,))
-        second.start()
-        second.join(30)
+        _post_in_thread(app, statuses, 10, 10).join(30)
         assert statuses == {10: 202} and faulty.records_per_call == [10, 10]
     finally:
         gate.set()
