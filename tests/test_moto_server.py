@@ -132,6 +132,12 @@ def test_the_server_finds_each_hosts_backend_once_and_answers_as_moto_does():
     assert len(listings) == len([host for host in hosts if host not in (None, "moto_api")])
 
 
+def _without_endpoints(monkeypatch) -> None:
+    """Clients of this test go to moto in this process, not to a server another test left in the environment."""
+    for name in [name for name in os.environ if name.startswith("AWS_ENDPOINT_URL")]:
+        monkeypatch.delenv(name)
+
+
 @contextlib.contextmanager
 def _answers(direct: bool):
     """moto's Kinesis answers written directly (``direct_kinesis_answers``) or by moto's own serializer; moto's own
@@ -158,8 +164,7 @@ def _put_and_read(direct_put: bool, monkeypatch) -> tuple:
     import boto3
     from moto import mock_aws
 
-    for name in [name for name in os.environ if name.startswith("AWS_ENDPOINT_URL")]:
-        monkeypatch.delenv(name)  # in this process's moto, not a server another test left in the environment
+    _without_endpoints(monkeypatch)
     with mock_aws():
         client = boto3.client("kinesis", region_name="eu-west-1")
         client.create_stream(StreamName="answers", ShardCount=2)
@@ -206,8 +211,7 @@ def _batch_get(direct: bool, monkeypatch) -> list:
 
     from runners.moto_server import direct_dynamodb_answers
 
-    for name in [name for name in os.environ if name.startswith("AWS_ENDPOINT_URL")]:
-        monkeypatch.delenv(name)
+    _without_endpoints(monkeypatch)
     handler = responses.DynamoHandler
     direct_dynamodb_answers()
     monkeypatch.setattr(handler, "batch_get_item", handler._eventlake_direct_batch_get_item if direct
