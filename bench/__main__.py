@@ -29,7 +29,7 @@ STREAM_RATE = 5250.0
 STREAM_STEADY_RATE = 2000.0
 #: The steady run's figures, reported as ``steady_<key>``.
 STEADY_KEYS = ("stream_events_per_s", "freshness_p50_s", "freshness_p95_s", "stream_memory_floor_growth_mb",
-               "stream_memory_flat")
+               "stream_memory_flat", "stream_memory_floor_growth_by_process_mb")
 
 #: (key, unit, target) rows of the printed table, in order.
 TABLE = [
@@ -108,7 +108,8 @@ def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: i
         results["details"]["stream"] = detail
         for key in ("stream_events_per_s", "end_to_end_events_per_s", "delay_growth_s", "freshness_p50_s",
                     "freshness_p95_s", "stream_peak_rss_mb",
-                    "stream_memory_growth_mb_per_min", "stream_memory_floor_growth_mb", "stream_memory_flat"):
+                    "stream_memory_growth_mb_per_min", "stream_memory_floor_growth_mb", "stream_memory_flat",
+                    "stream_memory_floor_growth_by_process_mb"):
             results[key] = detail[key]
         results["stream_kept_up"] = detail["kept_up"]
         results["stream_offered_events_per_s"] = stream_rate
@@ -140,6 +141,12 @@ def table(results: dict) -> str:
             value = results[key]
             text = f"{value:,.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
             lines.append(f"{key:36s} {text:>12s} {unit:6s} {target or ''}")
+    for run, key in (("stream", "stream_memory_floor_growth_by_process_mb"),
+                     ("steady stream", "steady_stream_memory_floor_growth_by_process_mb")):
+        by_process = results.get(key)
+        if by_process:
+            lines.append(f"{run}: memory floor growth by process (MiB): "
+                         + ", ".join(f"{name} {growth:+.1f}" for name, growth in by_process.items()))
     m = results["machine"]
     lines.append(f"machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, Beam {m['beam']}, "
                  f"load {m['load_average_1_5_15']}, {m['measured_at']}")

@@ -50,6 +50,19 @@ def tree_rss_by_process(root: int, tree: Optional[dict[int, list[int]]] = None) 
     return found
 
 
+def process_name(pid: int) -> str:
+    """What a process runs, in a word: the module of ``python -m module``, else the program's file name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return str(pid)
+    argv = [part.decode(errors="replace") for part in argv if part]
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return os.path.basename(argv[0]) if argv else str(pid)
+
+
 def tree_rss_bytes(root: int) -> int:
     """Resident memory of ``root`` and every descendant, now."""
     return sum(tree_rss_by_process(root).values())
@@ -70,6 +83,7 @@ class PeakMemory:
         self.peak_bytes = 0
         self.samples: list[tuple[float, int]] = []  # (time.monotonic(), bytes)
         self.process_samples: list[tuple[float, dict[int, int]]] = []  # (time.monotonic(), {pid: bytes})
+        self.names: dict[int, str] = {}  # pid -> process_name(pid), read when first seen
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -80,6 +94,8 @@ class PeakMemory:
         tree, by_process = _children(), {}
         for root in list(self.roots):
             by_process.update(tree_rss_by_process(root, tree))
+        for pid in by_process.keys() - self.names.keys():
+            self.names[pid] = process_name(pid)
         now, at = sum(by_process.values()), time.monotonic()
         self.peak_bytes = max(self.peak_bytes, now)
         self.samples.append((at, now))
@@ -100,6 +116,9 @@ class PeakMemory:
         happen to meet, and a third that caught such a meeting looked 9 % lower than one that did not, where
         each process's own floor moved 3-4 %. ``*_tree_floor_mb`` is that lowest sum, reported beside. Samples
         set without processes (``samples`` only) count as one process.
+
+        ``processes`` gives each process's own floors (``{name: [first third, last third]}``, the name suffixed
+        with its pid where two share it), so that a rise can be told apart: the pipeline's SDK worker, or Prism.
         """
         points = [(t, b / 2**20) for t, b in self.samples if since <= t <= until]
         if len(points) < 2:
@@ -107,8 +126,12 @@ class PeakMemory:
         third = max(1, len(points) // 3)
         tree_first, tree_last = min(mb for _, mb in points[:third]), min(mb for _, mb in points[-third:])
         by_process = [by for t, by in self.process_samples if since <= t <= until]
+        processes = {}
         if len(by_process) == len(points):
-            first_floor, last_floor = _floor_sum(by_process[:third]), _floor_sum(by_process[-third:])
+            first, last = _floors(by_process[:third]), _floors(by_process[-third:])
+            first_floor, last_floor = sum(first.values()) / 2**20, sum(last.values()) / 2**20
+            processes = self._named({pid: [round(first.get(pid, 0) / 2**20, 1), round(last.get(pid, 0) / 2**20, 1)]
+                                     for pid in sorted(first.keys() | last.keys())})
         else:
             first_floor, last_floor = tree_first, tree_last
         mean_t = sum(t for t, _ in points) / len(points)
@@ -118,7 +141,13 @@ class PeakMemory:
         return {"first_mb": round(points[0][1], 1), "last_mb": round(points[-1][1], 1),
                 "mean_mb": round(mean_mb, 1), "growth_mb_per_min": round(slope * 60, 2), "samples": len(points),
                 "first_third_floor_mb": round(first_floor, 1), "last_third_floor_mb": round(last_floor, 1),
-                "first_third_tree_floor_mb": round(tree_first, 1), "last_third_tree_floor_mb": round(tree_last, 1)}
+                "first_third_tree_floor_mb": round(tree_first, 1), "last_third_tree_floor_mb": round(tree_last, 1),
+                "processes": processes}
+
+    def _named(self, by_pid: dict) -> dict:
+        names = [self.names.get(pid, str(pid)) for pid in by_pid]
+        return {(name if names.count(name) == 1 else f"{name} ({pid})"): value
+                for name, (pid, value) in zip(names, by_pid.items())}
 
     @property
     def mb(self) -> float:
@@ -139,14 +168,14 @@ class PeakMemory:
             self._thread.join(10)
 
 
-def _floor_sum(samples: list[dict[int, int]]) -> float:
-    """MiB: the sum over processes of each one's lowest sample (a process absent from a sample is not counted in
-    it: one that started or ended within the span adds its lowest while it ran)."""
+def _floors(samples: list[dict[int, int]]) -> dict[int, int]:
+    """Bytes: each process's lowest sample (a process absent from a sample is not counted in it: one that started
+    or ended within the span has its lowest while it ran)."""
     lowest: dict[int, int] = {}
     for by_process in samples:
         for pid, size in by_process.items():
             lowest[pid] = min(size, lowest.get(pid, size))
-    return sum(lowest.values()) / 2**20
+    return lowest
 
 
 def _memory_gib() -> float:

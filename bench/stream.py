@@ -323,6 +323,8 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         "stream_memory_floor_growth_mb": round(memory["last_third_floor_mb"] - memory["first_third_floor_mb"], 1),
         "stream_memory_tree_floor_growth_mb": round(memory["last_third_tree_floor_mb"]
                                                     - memory["first_third_tree_floor_mb"], 1),
+        "stream_memory_floor_growth_by_process_mb": {name: round(last - first, 1)
+                                                     for name, (first, last) in memory["processes"].items()},
         # flat: what is held after collections grew by a small share of it over the measured load
         "stream_memory_flat": memory["last_third_floor_mb"] <= (1 + FLAT_MEMORY_SHARE) * memory["first_third_floor_mb"],
     }

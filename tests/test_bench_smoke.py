@@ -7,6 +7,8 @@ real services on loopback (moto server, gunicorn, the pipeline on its runner).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -70,8 +72,25 @@ def test_memory_floors_are_each_process_s_own_summed():
     for t in range(30):
         leaky.samples.append((t, (300 + t + 150) * mib))
         leaky.process_samples.append((t, {1: (300 + t) * mib, 2: 150 * mib}))
+    leaky.names = {1: "pipelines.events", 2: "prism"}
     grown = leaky.growth(0, 29)
     assert grown["last_third_floor_mb"] - grown["first_third_floor_mb"] == 20
+    # ... and each process's own floors say which one it was
+    assert grown["processes"] == {"pipelines.events": [300, 320], "prism": [150, 150]}
+    assert growth["processes"] == {"1": [260, 260], "2": [90, 90]}  # unnamed: by pid
+
+
+def test_memory_is_told_apart_by_process_name():
+    # a child that waits on its stdin: ``python -m json.tool`` is named by its module
+    child = subprocess.Popen([sys.executable, "-m", "json.tool"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        with machine.PeakMemory(os.getpid(), interval_s=0.05) as peak:
+            peak.sample()
+    finally:
+        child.communicate(b"{}", timeout=30)
+    assert peak.names[child.pid] == "json.tool"
+    assert peak.names[os.getpid()] == machine.process_name(os.getpid())
+    assert machine.process_name(2**22 + 1) == str(2**22 + 1)  # above pid_max: gone, named by its pid
 
 
 def test_ingress_bench_returns_its_figures(moto_server):
