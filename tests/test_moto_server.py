@@ -139,7 +139,7 @@ def _without_endpoints(monkeypatch) -> None:
 
 
 @contextlib.contextmanager
-def _answers(direct: bool):
+def _kinesis_answers(direct: bool):
     """moto's Kinesis answers written directly (``direct_kinesis_answers``) or by moto's own serializer; moto's own
     again afterwards, as this process had them before."""
     from moto.kinesis import responses
@@ -170,7 +170,7 @@ def _put_and_read(direct_put: bool, monkeypatch) -> tuple:
         client.create_stream(StreamName="answers", ShardCount=2)
         records = [{"Data": f"record {n} é".encode() + bytes([n % 256]), "PartitionKey": f"key-{n % 13}"}
                    for n in range(300)]
-        with _answers(direct_put):
+        with _kinesis_answers(direct_put):
             put = client.put_records(StreamName="answers", Records=records)
             with pytest.raises(client.exceptions.ResourceNotFoundException):
                 client.put_records(StreamName="missing", Records=records[:1])
@@ -181,7 +181,7 @@ def _put_and_read(direct_put: bool, monkeypatch) -> tuple:
             for _ in range(5):
                 both = []
                 for direct in (False, True):
-                    with _answers(direct):
+                    with _kinesis_answers(direct):
                         page = client.get_records(ShardIterator=iterator, Limit=70)
                     page["content-type"] = page.pop("ResponseMetadata")["HTTPHeaders"]["content-type"]
                     both.append(page)
@@ -202,21 +202,33 @@ def test_direct_kinesis_answers_read_as_moto_own_do(monkeypatch):
     assert len(read) == 300 and all(record["ApproximateArrivalTimestamp"].tzinfo for record in read)
 
 
+@contextlib.contextmanager
+def _dynamodb_answers(direct: bool):
+    """moto's BatchGetItem answers written directly (``direct_dynamodb_answers``) or by moto's own serializer;
+    moto's own again afterwards, as this process had them before."""
+    from moto.dynamodb import responses
+
+    from runners.moto_server import direct_dynamodb_answers
+
+    handler = responses.DynamoHandler
+    direct_dynamodb_answers()
+    moto_own = handler._eventlake_moto_batch_get_item
+    handler.batch_get_item = handler._eventlake_direct_batch_get_item if direct else moto_own
+    try:
+        yield
+    finally:
+        handler.batch_get_item = moto_own
+        handler._eventlake_direct = False
+
+
 def _batch_get(direct: bool, monkeypatch) -> list:
     """BatchGetItem answers (with and without a projection, a missing key, a missing table) on moto in this
     process, as a boto3 client reads them, written by moto's serializer or directly (``direct_dynamodb_answers``)."""
     import boto3
     from moto import mock_aws
-    from moto.dynamodb import responses
-
-    from runners.moto_server import direct_dynamodb_answers
 
     _without_endpoints(monkeypatch)
-    handler = responses.DynamoHandler
-    direct_dynamodb_answers()
-    monkeypatch.setattr(handler, "batch_get_item", handler._eventlake_direct_batch_get_item if direct
-                        else handler._eventlake_moto_batch_get_item)
-    with mock_aws():
+    with mock_aws(), _dynamodb_answers(direct):
         client = boto3.client("dynamodb", region_name="eu-west-1")
         client.create_table(TableName="users", KeySchema=[{"AttributeName": "user_id", "KeyType": "HASH"}],
                             AttributeDefinitions=[{"AttributeName": "user_id", "AttributeType": "S"}],
@@ -254,20 +266,7 @@ def _typed(value):
     return type(value).__name__, value
 
 
-@pytest.fixture
-def moto_own_dynamodb_answers_after():
-    """This process's moto writes BatchGetItem answers itself again after the test, as it did before."""
-    yield
-    from moto.dynamodb import responses
-
-    handler = responses.DynamoHandler
-    if getattr(handler, "_eventlake_direct", False):
-        handler.batch_get_item = handler._eventlake_moto_batch_get_item
-        handler._eventlake_direct = False
-
-
-def test_direct_dynamodb_answers_read_as_moto_own_do(moto_own_dynamodb_answers_after, monkeypatch):
-    # (the fixture first: it is torn down after monkeypatch has put back what it replaced)
+def test_direct_dynamodb_answers_read_as_moto_own_do(monkeypatch):
     moto_own = _batch_get(False, monkeypatch)
     direct = _batch_get(True, monkeypatch)
     assert _typed(direct) == _typed(moto_own)
