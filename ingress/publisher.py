@@ -31,6 +31,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from typing import Callable, Optional, Sequence
 
 import boto3
@@ -140,6 +141,22 @@ class KinesisPublisher:
         self.ready_cache_s = ready_cache_s
         self._client_factory = client_factory or (
             lambda: default_kinesis_client(timeout_s=timeout_s, pool=senders + 2))
+        self._closing = False
+        self._ready_at = 0.0
+        self._ready = False
+        self._fresh_process_state()
+        publisher = weakref.ref(self)  # a fork handler must not keep a publisher alive
+        os.register_at_fork(after_in_child=lambda: _after_fork(publisher))
+
+    def _fresh_process_state(self) -> None:
+        """What belongs to one process: its client, sender threads, queue and the counts the senders keep.
+
+        A forked child (gunicorn ``--preload`` with a publisher started in the master) has none of its parent's
+        threads: it starts from this, not from a copy of the parent's state at the instant of the fork, where the
+        condition's lock could be held by a sender that no longer exists, and ``_busy``/``_in_flight`` would count
+        calls no thread of the child will ever finish (close() would wait for them, new records would be held
+        behind them). The parent's queued records are its requests'; nobody in the child waits for them.
+        """
         self._client = None
         self._client_pid = None
         self._pid = None
@@ -149,10 +166,7 @@ class KinesisPublisher:
         self._busy = 0  # senders holding a batch (close() waits for them)
         self._in_flight = 0  # of those, the ones in a call rather than in a retry's backoff
         self._call_started = 0.0  # when the latest call went into flight
-        self._closing = False
         self._threads: list[threading.Thread] = []
-        self._ready_at = 0.0
-        self._ready = False
 
     # -- request side ------------------------------------------------------
     def publish(self, records: Sequence[tuple[bytes, str]]) -> None:
@@ -367,6 +381,13 @@ class KinesisPublisher:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return drained
+
+
+def _after_fork(publisher: "weakref.ref[KinesisPublisher]") -> None:
+    """In a forked child, before anything else runs in it: the publisher starts over (``_fresh_process_state``)."""
+    alive = publisher()
+    if alive is not None:
+        alive._fresh_process_state()
 
 
 class DiscardPublisher:

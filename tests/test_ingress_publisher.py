@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import signal
 import threading
 import zlib
 
@@ -252,3 +254,52 @@ def test_shutdown_drains_queued_records(ingress_env):
     assert len(stream_ids(ingress_env)) == 30
     with pytest.raises(PublishFailed):
         publisher.publish([(b"{}", "k")])
+
+
+def test_a_forked_child_publishes_and_drains_on_its_own(ingress_env):
+    # gunicorn --preload with a started publisher: a worker is forked while the master's call is in flight. The
+    # child has none of the master's sender threads; it must neither wait for their calls nor hold its records
+    # behind them.
+    gate, parent = threading.Event(), os.getpid()
+    made = []
+
+    def kinesis():  # each process makes its own client; only the parent's first call waits at the gate
+        made.append(FaultyKinesis(ingress_env.client("kinesis"), gate=gate if os.getpid() == parent else None))
+        return made[-1]
+
+    publisher = KinesisPublisher(ingress_env.config.stream, client_factory=kinesis, senders=2, timeout_s=10,
+                                 hold_s=60)
+    held = threading.Thread(target=publisher.publish, args=([(b'{"event_id": "parent"}', "p")],))
+    try:
+        held.start()
+        wait_until(lambda: made and made[0].calls == 1, timeout=30, what="the parent's call in flight")
+        child = os.fork()
+        if child == 0:  # the child: exits with 0 only when its record was acknowledged and it drained at once
+            code = 3
+            try:
+                publisher.publish([(b'{"event_id": "child"}', "c")])
+                code = 0 if publisher.close(timeout=5) else 2
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        ended = []
+
+        def child_ended():
+            done, status_word = os.waitpid(child, os.WNOHANG)
+            if done:
+                ended.append(os.waitstatus_to_exitcode(status_word))
+            return bool(ended)
+
+        try:
+            wait_until(child_ended, timeout=60, interval=0.05, what="the forked child")
+        except TimeoutError:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+    finally:
+        gate.set()
+        held.join(30)
+        publisher.close(5)
+    assert ended == [0]
+    assert sorted(e["event_id"] for e in decoded(read_stream(ingress_env.client("kinesis"), ingress_env.config.stream))) \
+        == ["child", "parent"]
