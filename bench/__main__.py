@@ -3,8 +3,9 @@
 Sizes are parameters (with the defaults a run took 12-17 minutes on a 2-core
 machine, three backfill rounds included)::
 
-    python -m bench [--backfill_events 500000] [--stream_rate 5250] [--stream_steady_rate 2000]
-                    [--stream_duration 120] [--capacity_events 100000] [--only ingress,stream]
+    python -m bench [--ingress_rounds 3] [--backfill_events 500000] [--stream_rate 5250]
+                    [--stream_steady_rate 2000] [--stream_duration 120] [--capacity_events 100000]
+                    [--only ingress,stream]
 """
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ TABLE = [
 ]
 
 
-def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: int = 500_000,
-            backfill_files: int = 8, backfill_runner: str = "fnapi2", backfill_rounds: int = 3,
+def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, ingress_rounds: int = 3,
+            backfill_events: int = 500_000, backfill_files: int = 8, backfill_runner: str = "fnapi2",
+            backfill_rounds: int = 3,
             stream_rate: float = STREAM_RATE, stream_steady_rate: float = STREAM_STEADY_RATE,
             stream_duration_s: float = 120.0, stream_window_s: int = 10, capacity_events: int = 100_000) -> dict:
     """Runs the chosen benchmarks; returns the flat headline figures plus each part's details."""
@@ -86,7 +88,7 @@ def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, backfill_events: i
     if "ingress" in parts:
         from bench import ingress
 
-        detail = ingress.run(duration_s=ingress_duration_s)
+        detail = ingress.run(duration_s=ingress_duration_s, rounds=ingress_rounds)
         results["details"]["ingress"] = detail
         results.update(ingress.summary(detail))
     if "backfill" in parts:
@@ -157,6 +159,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--ingress_duration", type=float, default=20.0)
+    parser.add_argument("--ingress_rounds", type=int, default=3,
+                        help="Kinesis ceiling/ingress pairs, alternating; the figures are their medians")
     parser.add_argument("--backfill_events", type=int, default=500_000)
     parser.add_argument("--backfill_files", type=int, default=8)
     parser.add_argument("--backfill_runner", default="fnapi2")
@@ -171,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "latest.json"))
     args = parser.parse_args(argv)
     results = run_all(parts=tuple(p for p in args.only.split(",") if p), ingress_duration_s=args.ingress_duration,
+                      ingress_rounds=args.ingress_rounds,
                       backfill_events=args.backfill_events, backfill_files=args.backfill_files,
                       backfill_runner=args.backfill_runner, backfill_rounds=args.backfill_rounds,
                       stream_rate=args.stream_rate, stream_steady_rate=args.stream_steady_rate,

@@ -98,7 +98,7 @@ def test_ingress_bench_returns_its_figures(moto_server):
                                    dead_letter_queue="smoke-ingress-dlq", bucket="smoke-ingress-lake"),
                        server=moto_server).start()
     results = ingress.run(duration_s=2, clients=2, batch=10, workers=1, threads=4, shards=1, kinesis_loop_s=1,
-                          keepup_s=2, discard=True, stack=stack)
+                          keepup_s=2, discard=True, stack=stack, rounds=2)
     for key in ("ingress_events_per_s", "ingress_p50_ms", "ingress_p99_ms", "kinesis_put_limit_events_per_s",
                 "ingress_to_limit_ratio", "ingress_keepup_p50_ms", "ingress_keepup_p99_ms", "kinesis_keepup_p99_ms",
                 "ingress_alone_keepup_p99_ms", "ingress_discard_events_per_s"):
@@ -106,6 +106,20 @@ def test_ingress_bench_returns_its_figures(moto_server):
     assert results["kinesis_keepup"]["calls"] > 0
     assert results["kinesis"]["statuses"].get("202", 0) > 0
     assert results["keepup"]["failed_requests"] == 0
+    # two alternating rounds: the headline figures are their medians, each pair is kept
+    rounds = results["rounds_detail"]
+    assert len(rounds) == 2 and all(r["ingress_events_per_s"] > 0 and r["ratio"] > 0 for r in rounds)
+    # (for an even count, the lower of the two middle ones)
+    assert results["kinesis_put_limit_events_per_s"] == min(r["kinesis_put_limit_events_per_s"] for r in rounds)
+    assert results["ingress_events_per_s"] == min(r["ingress_events_per_s"] for r in rounds)
+
+
+def test_the_ingress_figures_are_the_median_round_s():
+    loads = [{"events_per_s": rate, "latency_p99_ms": rate / 100} for rate in (300.0, 100.0, 200.0)]
+    assert ingress._median_round(loads) == {"events_per_s": 200.0, "latency_p99_ms": 2.0}
+    assert ingress._median_round(loads[:1]) == loads[0]
+    with pytest.raises(ValueError, match="rounds"):
+        ingress.run(rounds=0)
 
 
 def test_backfill_and_baseline_process_every_event(moto_server, tmp_path):
