@@ -147,7 +147,7 @@ def test_backfill_rounds_must_be_a_positive_integer(rounds):
 
 
 def test_stream_bench_sees_every_event_land(tmp_path):
-    results = stream.run(rate=200, duration_s=2, warmup_s=1, window_s=2, batch=50, clients=2, shards=1, users=50,
+    results = stream.run(rate=200, duration_s=2, warmup_s=3, window_s=2, batch=50, clients=2, shards=1, users=50,
                          workdir=str(tmp_path), drain_timeout_s=120)
     assert results["accepted"] == 400
     assert results["landed"] == results["accepted"]
@@ -156,6 +156,10 @@ def test_stream_bench_sees_every_event_land(tmp_path):
         assert results[key] > 0, key
     assert results["end_to_end_events_per_s"] <= results["stream_events_per_s"]
     assert results["memory"]["samples"] >= 2 and isinstance(results["stream_memory_flat"], bool)
+    # the warm-up's memory is kept beside: its 2 s after the first second of events, sampled every 0.5 s
+    assert results["warmup_memory"]["samples"] >= 2
+    assert isinstance(results["stream_memory_warmup_floor_growth_mb"], float)
+    assert set(results["stream_memory_floor_growth_by_process_mb"]) >= {"pipelines.events", "prism"}
     assert results["freshness_p95_every_15s"] and all(f > 0 for f in results["freshness_p95_every_15s"])
 
 
