@@ -145,8 +145,7 @@ class KinesisPublisher:
         self._ready_at = 0.0
         self._ready = False
         self._fresh_process_state()
-        publisher = weakref.ref(self)  # a fork handler must not keep a publisher alive
-        os.register_at_fork(after_in_child=lambda: _after_fork(publisher))
+        _PUBLISHERS.add(self)  # weakly: a publisher no one holds is not kept for the fork handler
 
     def _fresh_process_state(self) -> None:
         """What belongs to one process: its client, sender threads, queue and the counts the senders keep.
@@ -383,11 +382,17 @@ class KinesisPublisher:
         return drained
 
 
-def _after_fork(publisher: "weakref.ref[KinesisPublisher]") -> None:
-    """In a forked child, before anything else runs in it: the publisher starts over (``_fresh_process_state``)."""
-    alive = publisher()
-    if alive is not None:
-        alive._fresh_process_state()
+#: Every live publisher of this process, for the fork handler below (registered once: handlers cannot be removed).
+_PUBLISHERS: "weakref.WeakSet[KinesisPublisher]" = weakref.WeakSet()
+
+
+def _fresh_after_fork() -> None:
+    """In a forked child, before anything else runs in it: every publisher starts over (``_fresh_process_state``)."""
+    for publisher in list(_PUBLISHERS):
+        publisher._fresh_process_state()
+
+
+os.register_at_fork(after_in_child=_fresh_after_fork)
 
 
 class DiscardPublisher:
