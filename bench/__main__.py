@@ -1,12 +1,12 @@
 """``make bench``: every benchmark in one run; writes bench/results/latest.json and prints a table.
 
-Sizes are parameters (with the defaults a run took 12-17 minutes on a 2-core
-machine, three backfill rounds included)::
+Sizes are parameters (with the defaults a run took ~33 minutes on a 2-core
+machine: three ingress and three backfill rounds, two stream runs of seven
+minutes' warm-up and two measured ones each)::
 
     python -m bench [--ingress_rounds 3] [--backfill_events 500000] [--stream_rate 5250]
                     [--stream_steady_rate 2000] [--stream_duration 120] [--stream_warmup 420]
-                    [--capacity_events 100000]
-                    [--only ingress,stream]
+                    [--capacity_events 100000] [--only ingress,stream]
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Optional
 
+from bench.stream import STREAM_WARMUP_S
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PARTS = ("ingress", "backfill", "stream", "capacity")
 #: Offered to the stream for the two measured minutes: 5 % over the 5,000 ev/s target, so that the headline says
@@ -26,12 +28,6 @@ PARTS = ("ingress", "backfill", "stream", "capacity")
 #: never show the target held. "Kept up" is judged at 5,250, so a stack that holds 5,000 but not 5,250 shows as
 #: not keeping up: stricter than the target. The pipeline's own ceiling is the "capacity" part.
 STREAM_RATE = 5250.0
-#: Seconds of load at the measured rate before the two measured minutes, in each stream run. The SDK worker's heap
-#: grows to its working size over a load's first minutes and then stays there (at 2,000 ev/s its floor rose 256 ->
-#: 282 MiB in the first 5 minutes and stayed within 282-293 MiB for the 16 after; at 5,250, 278 -> 322-332 MiB in the
-#: first 7: docs/benchmarks.md, stop 27). With a minute's warm-up, "memory flat" judged the end of that ramp in some
-#: runs and the plateau in others; the ramp is reported beside (``stream_memory_warmup_floor_growth_mb``).
-STREAM_WARMUP_S = 420.0
 #: A second run, offered a rate the stack sustains here with margin: freshness and memory away from the edge, where a
 #: change shows that the target run's swings would hide. 0 skips it.
 STREAM_STEADY_RATE = 2000.0
@@ -149,18 +145,21 @@ def run_all(*, parts=PARTS, ingress_duration_s: float = 20.0, ingress_rounds: in
 
 
 def table(results: dict) -> str:
-    lines = [f"{'figure':36s} {'value':>12s} {'unit':6s} target"]
+    width = max(len(key) for key, _, _ in TABLE)
+    lines = [f"{'figure':{width}s} {'value':>12s} {'unit':6s} target"]
     for key, unit, target in TABLE:
         if key in results:
             value = results[key]
-            text = f"{value:,.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
-            lines.append(f"{key:36s} {text:>12s} {unit:6s} {target or ''}")
+            text = ("n/a" if value is None else f"{value:,.3f}".rstrip("0").rstrip(".") if isinstance(value, float)
+                    else str(value))
+            lines.append(f"{key:{width}s} {text:>12s} {unit:6s} {target or ''}")
     for run, key in (("stream", "stream_memory_floor_growth_by_process_mb"),
                      ("steady stream", "steady_stream_memory_floor_growth_by_process_mb")):
         by_process = results.get(key)
         if by_process:
             lines.append(f"{run}: memory floor growth by process (MiB): "
-                         + ", ".join(f"{name} {growth:+.1f}" for name, growth in by_process.items()))
+                         + ", ".join(f"{name} {'n/a' if growth is None else f'{growth:+.1f}'}"
+                                     for name, growth in by_process.items()))
     m = results["machine"]
     lines.append(f"machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, Beam {m['beam']}, "
                  f"load {m['load_average_1_5_15']}, {m['measured_at']}")

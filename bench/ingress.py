@@ -273,7 +273,7 @@ def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, worker
     and the ingress on a fresh gunicorn: on this 2-core machine one pair put the ratio anywhere in 0.78-0.91 over
     seven runs of the same code, while the ceiling itself ranged 18,065-28,050 ev/s (docs/benchmarks.md). The headline
     figures are the medians (the lower middle one for an even count; the load of median throughput is reported in
-    full) and the ratio is the ratio of the two medians, as the backfill's; each round's pair and ratio are kept
+    full) and the ratio is the ratio of the two medians, as the backfill's is; each round's pair and ratio are kept
     in ``rounds_detail``.
     """
     if duration_s <= 0 or clients < 1 or not 1 <= batch <= 500:

@@ -58,9 +58,15 @@ def process_name(pid: int) -> str:
     except OSError:
         return str(pid)
     argv = [part.decode(errors="replace") for part in argv if part]
-    if "-m" in argv[:-1]:
-        return argv[argv.index("-m") + 1]
-    return os.path.basename(argv[0]) if argv else str(pid)
+    if not argv:
+        return str(pid)
+    if os.path.basename(argv[0]).startswith("python"):
+        for index, arg in enumerate(argv[1:-1], start=1):  # the interpreter's own options come before the program
+            if arg == "-m":
+                return argv[index + 1]
+            if not arg.startswith("-") or arg in ("-c", "-"):
+                break
+    return os.path.basename(argv[0])
 
 
 def tree_rss_bytes(root: int) -> int:
@@ -118,7 +124,8 @@ class PeakMemory:
         set without processes (``samples`` only) count as one process.
 
         ``processes`` gives each process's own floors (``{name: [first third, last third]}``, the name suffixed
-        with its pid where two share it), so that a rise can be told apart: the pipeline's SDK worker, or Prism.
+        with its pid where two share it; ``None`` for a third the process was not running in), so that a rise can
+        be told apart: the pipeline's SDK worker, or Prism.
         """
         points = [(t, b / 2**20) for t, b in self.samples if since <= t <= until]
         if len(points) < 2:
@@ -130,7 +137,7 @@ class PeakMemory:
         if len(by_process) == len(points):
             first, last = _floors(by_process[:third]), _floors(by_process[-third:])
             first_floor, last_floor = sum(first.values()) / 2**20, sum(last.values()) / 2**20
-            processes = self._named({pid: [round(first.get(pid, 0) / 2**20, 1), round(last.get(pid, 0) / 2**20, 1)]
+            processes = self._named({pid: [_mb(first.get(pid)), _mb(last.get(pid))]
                                      for pid in sorted(first.keys() | last.keys())})
         else:
             first_floor, last_floor = tree_first, tree_last
@@ -166,6 +173,10 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+
+
+def _mb(size: Optional[int]) -> Optional[float]:
+    return None if size is None else round(size / 2**20, 1)
 
 
 def _floors(samples: list[dict[int, int]]) -> dict[int, int]:

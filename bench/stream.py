@@ -15,18 +15,13 @@ pauses the schedule nor takes the cores during the measurement. A first second
 of events is posted and awaited in the lake (the runner has started); then the
 warm-up, the measured load and the tail are posted as one schedule, with no
 pause: ``warmup_s`` at the same rate, so that neither the filling of caches and
-heaps nor the first windows are measured. ``make bench`` warms up for seven
-minutes (``bench.__main__.STREAM_WARMUP_S``): the SDK worker's heap grows to its
-working size over the first minutes of a load and stays there (stop 27, /proc
-every 0.5 s: at 2,000 ev/s for 20 minutes its floor went 256 -> 282 MiB in the
-first 5 and stayed within 282-293 for the 16 after; at 5,250 for 8 minutes,
-278 -> 322-332 in the first 7), so a minute's warm-up measured the end of that
-ramp in some runs and not in others. How much the floor rose over the warm-up
-is reported (``stream_memory_warmup_floor_growth_mb``). Until stop 26 the bench paused after the warm-up
-until all of it had landed: the measured load then started on a drained
-pipeline, with no window open, and its first third's memory floor was that of
-an idle pipeline (at 5,250 ev/s: 367 MiB, against 458 MiB in the last third,
-which made memory look like it grew by 25 %).
+heaps nor the first windows are measured: seven minutes by default, as the
+worker's heap takes minutes to reach its working size (``STREAM_WARMUP_S``).
+Until stop 26 the bench paused after the warm-up until all of it had landed:
+the measured load then started on a drained pipeline, with no window open, and
+its first third's memory floor was that of an idle pipeline (at 5,250 ev/s:
+367 MiB, against 458 MiB in the last third, which made memory look like it grew
+by 25 %).
 
 ``stream_events_per_s`` is the sustained rate: events that landed, divided by
 the posting time plus how much their delay grew from the first 30 s of the
@@ -55,7 +50,7 @@ a backlog is put straight on Kinesis before the pipeline starts, and
 ``stream_capacity_events_per_s`` is how fast rows then land (see its docstring).
 Usage::
 
-    python -m bench.stream [--rate 1000] [--duration 120] [--warmup 60] [--window 10] [--capacity_events 100000]
+    python -m bench.stream [--rate 1000] [--duration 120] [--warmup 420] [--window 10] [--capacity_events 100000]
 """
 from __future__ import annotations
 
@@ -84,6 +79,13 @@ from ingress.publisher import KinesisPublisher
 from transforms.envelope import format_rfc3339_ms, partition_key, stamp, to_wire, utc_now_ms, validate_event
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Seconds of load at the measured rate before the measured ones: ``run``'s default and ``make bench``'s. The SDK
+#: worker's heap grows to its working size over a load's first minutes and then stays there (stop 27, /proc every
+#: 0.5 s: at 2,000 ev/s over a 21-minute run its floor went 256 -> 282 MiB in the first 5 minutes and stayed within
+#: 282-293 MiB for the 16 after; at 5,250 over 8 minutes, 278 -> 322-332 MiB in the first 7; docs/benchmarks.md).
+#: With a minute's warm-up, "memory flat" judged the end of that ramp in some runs and the plateau in others. How
+#: much the floor rose over the warm-up is reported beside (``stream_memory_warmup_floor_growth_mb``).
+STREAM_WARMUP_S = 420.0
 #: Memory is flat when its floor in the last third of the measured load is at most this share above the first third's.
 FLAT_MEMORY_SHARE = 0.05
 
@@ -249,7 +251,7 @@ def _start_pipeline(stack: LocalStack, workdir: str, window_s: int) -> Child:
 
 def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, batch: int = 100,
         clients: int = 8, shards: int = 2, users: int = 2000, workers: int = 1, threads: int = 16,
-        warmup_s: float = 60.0, workdir: Optional[str] = None, drain_timeout_s: float = 180.0) -> dict:
+        warmup_s: float = STREAM_WARMUP_S, workdir: Optional[str] = None, drain_timeout_s: float = 180.0) -> dict:
     """One streaming measurement on its own local stack; see the module docstring."""
     if rate <= 0 or duration_s <= 0 or warmup_s <= 0 or window_s < 1 or not 1 <= batch <= 500 or clients < 1:
         raise ValueError(f"invalid stream bench settings: rate={rate}, duration_s={duration_s}, "
@@ -337,7 +339,8 @@ def run(*, rate: float = 1000.0, duration_s: float = 120.0, window_s: int = 10, 
         "stream_memory_floor_growth_mb": round(memory["last_third_floor_mb"] - memory["first_third_floor_mb"], 1),
         "stream_memory_tree_floor_growth_mb": round(memory["last_third_tree_floor_mb"]
                                                     - memory["first_third_tree_floor_mb"], 1),
-        "stream_memory_floor_growth_by_process_mb": {name: round(last - first, 1)
+        # None for a process that ran in one third only (started late, or ended): no two floors to compare
+        "stream_memory_floor_growth_by_process_mb": {name: round(last - first, 1) if None not in (first, last) else None
                                                      for name, (first, last) in memory["processes"].items()},
         # flat: what is held after collections grew by a small share of it over the measured load
         "stream_memory_flat": memory["last_third_floor_mb"] <= (1 + FLAT_MEMORY_SHARE) * memory["first_third_floor_mb"],
@@ -476,7 +479,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--warmup", type=float, default=60.0, help="seconds posted at the same rate, not measured")
+    parser.add_argument("--warmup", type=float, default=STREAM_WARMUP_S,
+                        help="seconds posted at the same rate, not measured")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--capacity_events", type=int, default=0,

@@ -78,17 +78,28 @@ def test_memory_floors_are_each_process_s_own_summed():
     # ... and each process's own floors say which one it was
     assert grown["processes"] == {"pipelines.events": [300, 320], "prism": [150, 150]}
     assert growth["processes"] == {"1": [260, 260], "2": [90, 90]}  # unnamed: by pid
+    # a process that ran only in the last third has no first floor
+    late = machine.PeakMemory()
+    for t in range(30):
+        late.samples.append((t, (300 + (50 if t >= 20 else 0)) * mib))
+        late.process_samples.append((t, {1: 300 * mib, **({3: 50 * mib} if t >= 20 else {})}))
+    assert late.growth(0, 29)["processes"] == {"1": [300, 300], "3": [None, 50]}
 
 
 def test_memory_is_told_apart_by_process_name():
     # a child that waits on its stdin: ``python -m json.tool`` is named by its module
     child = subprocess.Popen([sys.executable, "-m", "json.tool"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    # a "-m" of the program's own (gunicorn's umask, say) is not the interpreter's
+    program = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "-m", "007"],
+                               stdin=subprocess.PIPE)
     try:
         with machine.PeakMemory(os.getpid(), interval_s=0.05) as peak:
             peak.sample()
     finally:
         child.communicate(b"{}", timeout=30)
+        program.communicate(b"", timeout=30)
     assert peak.names[child.pid] == "json.tool"
+    assert peak.names[program.pid] == os.path.basename(sys.executable)
     assert peak.names[os.getpid()] == machine.process_name(os.getpid())
     assert machine.process_name(2**22 + 1) == str(2**22 + 1)  # above pid_max: gone, named by its pid
 
