@@ -157,8 +157,6 @@ class KinesisPublisher:
         behind them). The parent's queued records are its requests'; nobody in the child waits for them.
         """
         self._client = None
-        self._client_pid = None
-        self._pid = None
         self._queue: collections.deque[_Entry] = collections.deque()
         self._queued_bytes = 0
         self._cond = threading.Condition()
@@ -194,16 +192,16 @@ class KinesisPublisher:
 
     # -- sender side -------------------------------------------------------
     def _start(self) -> None:
-        if self._pid == os.getpid():
+        """Starts this process's sender threads, once (a forked child has none: ``_fresh_process_state``)."""
+        if self._threads:
             return
         with self._cond:
-            if self._pid == os.getpid():
+            if self._threads:
                 return
             self._threads = [threading.Thread(target=self._run, name=f"kinesis-sender-{i}", daemon=True)
                              for i in range(self.senders)]
             for thread in self._threads:
                 thread.start()
-            self._pid = os.getpid()
 
     def warm(self) -> None:
         """Start this process's sender threads and Kinesis client now rather than on the first request (the
@@ -212,10 +210,9 @@ class KinesisPublisher:
         self.client()
 
     def client(self):
-        """The Kinesis client of this process (a forked worker makes its own)."""
-        if self._client is None or self._client_pid != os.getpid():
+        """The Kinesis client of this process (a forked worker makes its own: ``_fresh_process_state``)."""
+        if self._client is None:
             self._client = self._client_factory()
-            self._client_pid = os.getpid()
         return self._client
 
     def _pop(self) -> _Entry:
