@@ -4,6 +4,7 @@ faults are injected by a wrapper around the real client (tests.ingress_support.F
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -106,20 +107,31 @@ def test_concurrent_requests_share_put_records_calls(ingress_env):
     assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(80))
 
 
-def _requests_behind_a_held_call(app, faulty, *, requests: int, size: int):
-    """Posts request 0 (events ``0 .. size-1``) and waits until its call is in flight, held at ``faulty``'s gate;
-    then posts requests 1 .. ``requests``-1 of ``size`` events each. Returns the threads and their statuses."""
+@contextlib.contextmanager
+def _requests_behind_a_held_call(stack, *, requests: int, size: int):
+    """An app with four senders and a long hold (60 s) whose first PutRecords call waits at a gate. Posts request 0
+    (events ``0 .. size-1``), waits until its call is in flight, then posts requests 1 .. ``requests``-1 of ``size``
+    events each. Yields ``(faulty, publisher, statuses)``; on the way out opens the gate and joins the requests."""
+    gate = threading.Event()
+    faulty = FaultyKinesis(stack.client("kinesis"), gate=gate)
+    app = make_app(stack, faulty, senders=4, hold_s=60)
     statuses = []
 
     def send(n):
         statuses.append(post(app.test_client(), {"events": [event(n * size + i) for i in range(size)]}).status_code)
 
     threads = [threading.Thread(target=send, args=(n,)) for n in range(requests)]
-    threads[0].start()
-    wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
-    for thread in threads[1:]:
-        thread.start()
-    return threads, statuses
+    try:
+        threads[0].start()
+        wait_until(lambda: faulty.calls == 1, timeout=30, what="the first call")
+        for thread in threads[1:]:
+            thread.start()
+        yield faulty, app.extensions["eventlake"].publisher, statuses
+    finally:
+        gate.set()
+        for thread in threads:
+            if thread.is_alive():  # started (a failure may come before all are) and not yet done
+                thread.join(30)
 
 
 def _post_in_thread(app, statuses: dict, first: int, count: int) -> threading.Thread:
@@ -136,38 +148,20 @@ def test_requests_arriving_during_a_call_leave_together_in_the_next_one(ingress_
     # Four senders, as by default: while one call is in flight, a request's records wait for it rather than
     # start a small call of their own, so every call carries as many records as have come in. (The hold is long
     # here: the first call is held at the gate for as long as the test needs.)
-    gate = threading.Event()
-    faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
-    app = make_app(ingress_env, faulty, senders=4, hold_s=60)
-    publisher = app.extensions["eventlake"].publisher
-    try:
-        threads, statuses = _requests_behind_a_held_call(app, faulty, requests=8, size=10)
+    with _requests_behind_a_held_call(ingress_env, requests=8, size=10) as (faulty, publisher, statuses):
         wait_until(lambda: faulty.calls > 1 or len(publisher._queue) == 70, timeout=30, what="queued requests")
         assert faulty.calls == 1  # three senders idle, seventy records waiting: no call of ten each
-    finally:
-        gate.set()
-    for thread in threads:
-        thread.join(30)
     assert statuses == [202] * 8
     assert faulty.records_per_call == [10, 70]
     assert sorted(stream_ids(ingress_env)) == sorted(f"ev-{i}" for i in range(80))
 
 
 def test_a_backlog_of_a_full_call_is_sent_beside_the_call_in_flight(ingress_env):
-    gate = threading.Event()
-    faulty = FaultyKinesis(ingress_env.client("kinesis"), gate=gate)
-    app = make_app(ingress_env, faulty, senders=4, hold_s=60)
-    publisher = app.extensions["eventlake"].publisher
-    try:
-        threads, statuses = _requests_behind_a_held_call(app, faulty, requests=9, size=100)
+    with _requests_behind_a_held_call(ingress_env, requests=9, size=100) as (faulty, publisher, statuses):
         # 800 records wait: a full call of 500 goes out while the first is still held; the other 300 wait for one.
         wait_until(lambda: faulty.calls == 2 and len(publisher._queue) == 300, timeout=30,
                    what="a second, full call")
         assert faulty.records_per_call == [100, 500]
-    finally:
-        gate.set()
-    for thread in threads:
-        thread.join(30)
     assert statuses == [202] * 9
     assert faulty.records_per_call == [100, 500, 300]
     assert len(set(stream_ids(ingress_env))) == 900
