@@ -41,6 +41,7 @@ import time
 from typing import Optional
 
 from bench.machine import PeakMemory
+from bench.rounds import check_rounds
 from runners.loadgen import EventMix, write_backfill
 from runners.local import LocalStack, StackConfig
 from transforms.envelope import format_rfc3339_ms
@@ -135,8 +136,7 @@ def run(*, events: int = 500_000, files: int = 8, runner: str = "fnapi2", users:
         rounds: int = 1) -> dict:
     """Generates the data, seeds the users, runs the backfill (and the plain-Python baseline on the same data)
     ``rounds`` times, alternating; reports medians."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    check_rounds(rounds)
     own_stack = stack is None
     stack = stack or LocalStack(StackConfig(users_table="bench-backfill-users", stream="bench-backfill",
                                             bucket="bench-backfill-lake", dead_letter_queue="bench-backfill-dlq"))

@@ -56,6 +56,7 @@ from typing import Optional
 
 import requests
 
+from bench.rounds import check_rounds
 from runners.local import LocalStack, StackConfig, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,8 +279,7 @@ def run(*, duration_s: float = 20.0, clients: int = 32, batch: int = 100, worker
     """
     if duration_s <= 0 or clients < 1 or not 1 <= batch <= 500:
         raise ValueError(f"invalid bench settings: duration_s={duration_s}, clients={clients}, batch={batch}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    check_rounds(rounds)
     own_stack = stack is None
     stack = stack or LocalStack(StackConfig(shards=shards)).start()
     try:
